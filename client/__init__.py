@@ -1,0 +1,1 @@
+"""The fedlora ClientApp (`fedlora.client.app:app`)."""

@@ -1,0 +1,176 @@
+"""The typed, validated run configuration shared by the ServerApp, the ClientApp and `fedlora run`.
+
+Flower hands every app the run config as a flat dict of kebab-case keys (declared with their
+defaults in `[tool.flwr.app.config]` of `pyproject.toml`, overridable with `--run-config`). This
+module turns that dict into one frozen dataclass and rejects bad input once, at start-up, with an
+error that names the key and the allowed values, so that nothing fails mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "RunConfig", "PARTITIONERS", "OPTIMIZERS", "HEAD_POLICIES", "EVALUATE_ON"]
+
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+OPTIMIZERS = ("sgd", "adam")
+HEAD_POLICIES = ("trainable", "frozen")
+EVALUATE_ON = ("server", "clients", "both")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key of fedlora; field `foo_bar` is the key `foo-bar`.
+
+    Defaults here equal those in `pyproject.toml`; `docs/config.md` explains each key.
+    """
+
+    strategy: str = "fedsvd"
+    num_server_rounds: int = 5
+    clients_per_round: int = 10
+    seed: int = 0
+    output_dir: str = ""
+    # model + LoRA
+    model: str = "all-MiniLM-L6-v2"
+    max_length: int = 64
+    target_modules: str = "query,value"
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.05
+    head: str = "trainable"
+    # data
+    dataset: str = "tweets"
+    text_column: str = "text"
+    label_column: str = "label"
+    test_size: int = 2000
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+    classes_per_client: int = 2
+    local_test_fraction: float = 0.2
+    # local training
+    local_steps: int = 10
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    learning_rate: float = 1.0
+    max_grad_norm: float = 1.0
+    # evaluation
+    evaluate_on: str = "server"
+    eval_batch_size: int = 128
+    round_timeout: float = 3600.0
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build and validate a config from Flower's kebab-case run config.
+
+        Unknown keys are an error (a typo must not silently fall back to a default).
+        """
+        known = {_key(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {unknown}; known keys: {sorted(known)}"
+            )
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            f = known[key]
+            values[f.name] = _coerce(key, value, f.type)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case dict Flower expects (inverse of `from_run_config`)."""
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A validated copy with some fields changed."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad key and its allowed values."""
+        from fedlora.strategies import available_strategies
+
+        def choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+        def positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+            if value < 0 or (value == 0 and not zero_ok):
+                bound = ">= 0" if zero_ok else "> 0"
+                raise ConfigError(f"{key}={value!r} must be {bound}")
+
+        choice("strategy", self.strategy, available_strategies())
+        choice("head", self.head, HEAD_POLICIES)
+        choice("partitioner", self.partitioner, PARTITIONERS)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
+        for key in ("num-server-rounds", "clients-per-round", "max-length", "lora-rank",
+                    "test-size", "local-steps", "batch-size", "eval-batch-size",
+                    "classes-per-client"):
+            positive(key, getattr(self, key.replace("-", "_")))
+        for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout"):
+            positive(key, getattr(self, key.replace("-", "_")))
+        positive("max-grad-norm", self.max_grad_norm, zero_ok=True)
+        positive("min-partition-size", self.min_partition_size, zero_ok=True)
+        positive("seed", self.seed, zero_ok=True)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora-dropout={self.lora_dropout!r} must be in [0, 1)")
+        if not 0.0 <= self.local_test_fraction < 1.0:
+            raise ConfigError(
+                f"local-test-fraction={self.local_test_fraction!r} must be in [0, 1)"
+            )
+        if not self.target_module_list:
+            raise ConfigError("target-modules is empty; give comma-separated module names, e.g. 'query,value'")
+        if self.output_dir and not os.path.isabs(self.output_dir):
+            # The ServerApp runs in the SuperLink's working directory, not the user's:
+            # a relative path would land somewhere surprising. `fedlora run` makes it absolute.
+            raise ConfigError(
+                f"output-dir={self.output_dir!r} must be an absolute path "
+                "(`fedlora run` resolves relative paths for you)"
+            )
+
+    def check_federation(self, num_clients: int) -> None:
+        """Checks that need the number of clients (SuperNodes / partitions)."""
+        if num_clients < 1:
+            raise ConfigError("the federation has no clients (num-supernodes must be >= 1)")
+        if self.clients_per_round > num_clients:
+            raise ConfigError(
+                f"clients-per-round={self.clients_per_round} is larger than the number of "
+                f"clients ({num_clients}); use at most {num_clients} or add SuperNodes"
+            )
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one value's type; TOML ints are accepted where a float is expected."""
+    kind = {"int": int, "float": float, "str": str}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    )
+    if kind is None:
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be a {kind.__name__}, not a bool")
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}={value!r} must be a {kind.__name__}")
+    return value

@@ -1,0 +1,1 @@
+"""The fedlora ServerApp (`fedlora.server.app:app`) and the files a run writes."""

@@ -1,0 +1,116 @@
+"""The fedlora ServerApp: the round loop, evaluation of the global model, and the run's outputs.
+
+Per round: sample partitions, send each its share of the global LoRA state, aggregate the valid
+replies with the configured method, evaluate on the held-out test split, append one line to
+`metrics.jsonl`. At the end the global adapter is written in peft format (`adapter/`).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.core.config import RunConfig
+from fedlora.core.data import load_text_data, split_test
+from fedlora.core.model import build_model, global_state, load_state, pick_device
+from fedlora.core.train import evaluate
+from fedlora.strategies import get_method
+from fedlora.strategies.flower import LoraStrategy, from_record, to_record
+
+from .outputs import RunOutputs
+
+__all__ = ["app", "discover_partitions"]
+
+app = ServerApp()
+
+
+def discover_partitions(grid: Grid, timeout: float, poll: float = 1.0) -> dict[int, int]:
+    """partition-id → node id of every client, asked once with a QUERY message.
+
+    Waits (up to `timeout` seconds) until as many nodes are connected as they report partitions,
+    so that a deployment whose SuperNodes are still joining does not start short-handed.
+    """
+    deadline = time.monotonic() + timeout
+    known: dict[int, int] = {}  # node id -> partition id
+    expected = None
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in known]
+        if new:
+            msgs = [Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
+                            dst_node_id=n) for n in new]
+            for reply in grid.send_and_receive(msgs, timeout=max(deadline - time.monotonic(), 1.0)):
+                if reply.has_error():
+                    raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its "
+                                       f"partition: {reply.error.reason}")
+                m = reply.content["metrics"]
+                known[reply.metadata.src_node_id] = int(m["partition-id"])
+                if expected is None:
+                    expected = int(m["num-partitions"])
+                elif expected != int(m["num-partitions"]):
+                    raise RuntimeError(f"nodes disagree on num-partitions ({expected} vs {int(m['num-partitions'])})")
+        pids = sorted(known.values())
+        if len(pids) != len(set(pids)):
+            raise RuntimeError(f"two nodes hold the same partition-id: {pids}")
+        if expected is not None and len(pids) >= expected:
+            return {pid: node for node, pid in known.items()}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(pids)} of {expected or '?'} clients connected within {timeout:.0f} s")
+        time.sleep(poll)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run `num-server-rounds` rounds of federated LoRA fine-tuning and write the outputs."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    out_dir = Path(cfg.output_dir or Path.cwd() / "outputs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    outputs = RunOutputs(out_dir, cfg)
+    log(INFO, "fedlora: %s, %d rounds, outputs in %s", cfg.strategy, cfg.num_server_rounds, out_dir)
+
+    data = load_text_data(cfg)
+    test = split_test(cfg)
+    bundle = build_model(cfg, len(data.label_names), dict(enumerate(data.label_names)))
+    bundle.model.to(pick_device())
+    state = global_state(bundle)
+
+    partitions = discover_partitions(grid, timeout=cfg.round_timeout)
+    cfg.check_federation(len(partitions))
+    strategy = LoraStrategy(get_method(cfg.strategy), partitions=partitions,
+                            clients_per_round=cfg.clients_per_round, seed=cfg.seed,
+                            evaluate_clients=cfg.evaluate_on in ("clients", "both"))
+    strategy.summary()
+    evaluate_server = cfg.evaluate_on in ("server", "both")
+
+    def server_eval() -> dict:
+        if not evaluate_server:
+            return {}
+        res = evaluate(bundle, test, cfg)
+        return {"test_accuracy": res["accuracy"], "test_loss": res["loss"]}
+
+    t0 = time.perf_counter()
+    outputs.write_round({"round": 0, "strategy": cfg.strategy, **server_eval(),
+                         "seconds": time.perf_counter() - t0})
+    arrays = to_record(state)
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        t0 = time.perf_counter()
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
+                                        timeout=cfg.round_timeout)
+        arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        row = {"round": rnd, "strategy": cfg.strategy, **dict(train_metrics)}
+        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+        if eval_msgs:
+            client_metrics = strategy.aggregate_evaluate(
+                rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
+            row.update(dict(client_metrics or {}))
+        load_state(bundle, from_record(arrays))
+        row.update(server_eval())
+        row["seconds"] = time.perf_counter() - t0
+        outputs.write_round(row)
+
+    outputs.save_adapter(bundle, test)
+    log(INFO, "fedlora: done; adapter in %s", out_dir / "adapter")

@@ -1,0 +1,95 @@
+"""What a run leaves in `output-dir`: metrics.jsonl, a progress line per round, the peft adapter,
+the final test predictions and an accuracy plot.
+
+    output-dir/
+      run_config.json       resolved run config (kebab-case keys)
+      metrics.jsonl         round 0 = initial evaluation, then one object per round
+      predictions.json      final global model on the test split: labels and predictions
+      accuracy.png          test accuracy / loss per round (if matplotlib is installed)
+      adapter/              PeftModel.from_pretrained(base, adapter/) gives the server's model
+"""
+
+from __future__ import annotations
+
+import json
+from logging import INFO
+from pathlib import Path
+
+from flwr.common.logger import log
+
+from fedlora.core.config import RunConfig
+from fedlora.core.data import TextData
+from fedlora.core.model import ModelBundle
+from fedlora.core.train import evaluate
+
+__all__ = ["RunOutputs"]
+
+
+class RunOutputs:
+    """Writes one run's files; creating it creates the folder and records the config."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig) -> None:
+        self.dir = Path(out_dir)
+        self.cfg = cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.rows: list[dict] = []
+        (self.dir / "run_config.json").write_text(json.dumps(cfg.to_run_config(), indent=2) + "\n")
+
+    def write_round(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        parts = [f"round {row['round']}/{self.cfg.num_server_rounds}"]
+        for key, fmt in (("test_accuracy", "acc {:.3f}"), ("test_loss", "loss {:.3f}"),
+                         ("client_accuracy", "client acc {:.3f}"), ("train_loss", "train loss {:.3f}"),
+                         ("num_clients", "{} clients")):
+            if key in row:
+                parts.append(fmt.format(row[key]))
+        if "bytes_up" in row:
+            parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB, down {row['bytes_down'] / 1e6:.2f} MB")
+        parts.append(f"{row['seconds']:.1f} s")
+        log(INFO, "fedlora: %s", " | ".join(parts))
+
+    def save_adapter(self, bundle: ModelBundle, test: TextData) -> None:
+        """The global adapter (with head), tokenizer, labels and config; predictions; plot."""
+        adapter = self.dir / "adapter"
+        bundle.model.save_pretrained(adapter)
+        bundle.tokenizer.save_pretrained(adapter)
+        id2label = {str(k): v for k, v in bundle.model.config.id2label.items()}
+        (adapter / "id2label.json").write_text(json.dumps(id2label, indent=2) + "\n")
+        (adapter / "fedlora_config.json").write_text(
+            json.dumps({**self.cfg.to_run_config(), "base-model-path": bundle.model_path}, indent=2) + "\n")
+        result = evaluate(bundle, test, self.cfg)
+        (self.dir / "predictions.json").write_text(json.dumps(
+            {"labels": test.labels.tolist(), "predictions": result["predictions"].tolist()}))
+        self._plot()
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return  # the plot is a convenience; metrics.jsonl holds the same numbers
+        rows = [r for r in self.rows if "test_accuracy" in r]
+        if not rows:
+            return
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        rounds = [r["round"] for r in rows]
+        ax1.plot(rounds, [r["test_accuracy"] for r in rows], marker="o")
+        ax1.set(xlabel="round", ylabel="test accuracy", title=f"{self.cfg.strategy}: test accuracy")
+        ax2.plot(rounds, [r["test_loss"] for r in rows], marker="o", label="test")
+        train = [(r["round"], r["train_loss"]) for r in rows if "train_loss" in r]
+        if train:
+            ax2.plot(*zip(*train), marker="s", label="train (clients)")
+        ax2.set(xlabel="round", ylabel="cross-entropy", title="loss")
+        ax2.legend()
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.tight_layout()
+        fig.savefig(self.dir / "accuracy.png", dpi=120)
+        plt.close(fig)

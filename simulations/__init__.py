@@ -1,0 +1,1 @@
+"""Driving Flower simulations: the `fedlora` console script and the private-SuperLink runner."""

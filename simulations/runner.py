@@ -1,0 +1,206 @@
+"""Run the fedlora Flower app in simulation on a private, throw-away SuperLink.
+
+`flwr run` alone has traps (flwr 1.41/1.42): it silently reuses any local SuperLink already on its
+fixed port, may re-install dependencies per run, `--stream` exits 0 even when the ServerApp
+raises, and sampling more clients than are connected waits forever. So `run_simulation` validates
+the config first, starts its own SuperLink (simulation mode, loopback, free ports, temporary
+FLWR_HOME, runtime dependency installation off) in a new process group, submits the run, streams
+its log, reads the final status with `flwr ls`, and stops the whole process group it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from fedlora.core.config import ConfigError, RunConfig
+
+__all__ = ["RunFailed", "app_defaults", "preflight", "resolve_config", "run_simulation"]
+
+_CONNECTION = "fedlora-local"
+
+
+class RunFailed(RuntimeError):
+    """The Flower run did not finish successfully."""
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """`[tool.flwr.app.config]` of the app's pyproject.toml."""
+    pyproject = Path(app_dir) / "pyproject.toml"
+    if not pyproject.is_file():
+        raise ConfigError(f"{app_dir} is not a Flower app: no pyproject.toml (run from the fedlora "
+                          "checkout, or pass its path)")
+    with pyproject.open("rb") as f:
+        config = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if config is None:
+        raise ConfigError(f"{pyproject} has no [tool.flwr.app.config] section")
+    return config
+
+
+def resolve_config(app_dir: Path, overrides: dict[str, Any], *, cwd: Path | None = None) -> RunConfig:
+    """Defaults + overrides, validated, with `output-dir` made absolute (default: ./outputs/<UTC>)."""
+    merged = {**app_defaults(app_dir), **overrides}
+    out = str(merged.get("output-dir") or "")
+    base = Path(cwd or os.getcwd())
+    if not out:
+        out = str(base / "outputs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    merged["output-dir"] = str((base / out).resolve()) if not os.path.isabs(out) else out
+    return RunConfig.from_run_config(merged)
+
+
+def preflight(cfg: RunConfig, num_supernodes: int) -> None:
+    """Everything that can fail before training, checked before any process starts:
+    client count, data (file, columns, partitioning) and the model's presence."""
+    from fedlora.core import data, model
+
+    cfg.check_federation(num_supernodes)
+    data.split_test(cfg)
+    data.partition(cfg, num_supernodes)
+    for pid in range(num_supernodes):
+        data.client_data(cfg, pid, num_supernodes)
+    path = model.resolve_model_path(cfg.model)
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model={cfg.model!r}: {path} has no config.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flwr_bin(name: str) -> str:
+    """The Flower executable next to this Python (a venv need not be activated)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+@contextmanager
+def private_superlink(log_path: Path) -> Iterator[dict[str, str]]:
+    """A simulation SuperLink on free loopback ports; yields the environment for `flwr` calls.
+
+    It runs in its own process group, which is terminated (then killed) on exit, taking the
+    SuperExec, the simulation process and its Ray workers with it.
+    """
+    home = Path(tempfile.mkdtemp(prefix="fedlora-flwr-home-"))
+    http_port, control_port = _free_port(), _free_port()
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "TOKENIZERS_PARALLELISM": "false",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{_CONNECTION}"\n\n[superlink.{_CONNECTION}]\n'
+        f'address = "127.0.0.1:{http_port}"\ninsecure = true\n')
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [_flwr_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+           "--host", "127.0.0.1", "--port", str(http_port),
+           "--control-api-address", f"127.0.0.1:{control_port}",
+           "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_healthy(proc, http_port, log_path)
+        yield env
+    finally:
+        _stop_group(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, log_path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RunFailed(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RunFailed(f"flower-superlink did not become healthy within {timeout:.0f} s; see {log_path}")
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                proc.poll()
+                return
+            proc.poll()
+            time.sleep(0.2)
+
+
+def _flwr(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run([_flwr_bin("flwr"), *args], env=env, text=True, **kw)
+
+
+def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, quiet: bool = False) -> Path:
+    """Run the app to completion; returns the output dir, raises `RunFailed` if the run failed."""
+    out_dir = Path(cfg.output_dir)
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    overrides = logs / "run_config.toml"
+    overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_run_config().items()))
+    with private_superlink(logs / "superlink.log") as env:
+        submit = _flwr(["run", str(Path(app_dir).resolve()), _CONNECTION, "--run-config", str(overrides),
+                        "--federation-config", f"num-supernodes={num_supernodes}", "--format", "json"],
+                       env, capture_output=True)
+        try:
+            run_id = str(json.loads(submit.stdout)["run-id"])
+        except (ValueError, KeyError):
+            raise RunFailed(f"flwr run did not start the run:\n{submit.stdout}\n{submit.stderr}") from None
+        if not quiet:
+            print(f"fedlora: run {run_id} submitted; outputs in {out_dir}", flush=True)
+        with (logs / "run.log").open("w") as log_file:
+            streamer = subprocess.Popen([_flwr_bin("flwr"), "log", run_id, _CONNECTION, "--stream"],
+                                        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert streamer.stdout is not None
+            for line in streamer.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if not quiet:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            streamer.wait()
+        status = _run_status(run_id, env)
+    if status != "finished:completed":
+        raise RunFailed(f"run {run_id} ended as {status!r}; the log is in {logs / 'run.log'}")
+    return out_dir
+
+
+def _run_status(run_id: str, env: dict[str, str], timeout: float = 60.0) -> str:
+    """The run's final status from `flwr ls` (waits briefly for it to leave 'running')."""
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline:
+        res = _flwr(["ls", _CONNECTION, "--run-id", run_id, "--format", "json"], env, capture_output=True)
+        try:
+            status = json.loads(res.stdout)["runs"][0]["status"]
+        except (ValueError, KeyError, IndexError):
+            status = f"unknown ({res.stdout.strip()[:200]} {res.stderr.strip()[:200]})"
+        if status.startswith("finished"):
+            return status
+        time.sleep(1.0)
+    return status

@@ -1,0 +1,40 @@
+"""Federated LoRA aggregation methods, one file each, and the registry that picks one by name.
+
+Adding a method: one new file with a `LoraMethod` subclass and one line in `_REGISTRY`.
+The Flower adapter lives in `fedlora.strategies.flower` (imported lazily: the math stays Flower-free).
+"""
+
+from __future__ import annotations
+
+from .base import LoraMethod, State, normalized_weights, weighted_average
+from .fedit import FedIT
+from .fedsvd import FedSVD, refactorize
+from .ffa import FFALoRA
+
+__all__ = [
+    "FFALoRA",
+    "FedIT",
+    "FedSVD",
+    "LoraMethod",
+    "State",
+    "available_strategies",
+    "get_method",
+    "normalized_weights",
+    "refactorize",
+    "weighted_average",
+]
+
+_REGISTRY: dict[str, type[LoraMethod]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedSVD)}
+
+
+def available_strategies() -> list[str]:
+    """Names accepted by the `strategy` run-config key."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> LoraMethod:
+    """A fresh method object for `name`; `ValueError` lists the allowed names."""
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"strategy={name!r} is unknown; choose one of {available_strategies()}") from None

@@ -1,0 +1,27 @@
+"""FedIT: plain federated averaging of both LoRA factors.
+
+Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning", ICASSP 2024
+(arXiv 2305.05644). Clients train A and B; the server sets A = Σ p_k A_k and B = Σ p_k B_k.
+Inexact: B̄Ā ≠ Σ p_k B_k A_k in general. Linear, so it can run under secure aggregation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import LoraMethod, State, weighted_average
+
+__all__ = ["FedIT"]
+
+
+class FedIT(LoraMethod):
+    name = "fedit"
+    paper = "Zhang et al., ICASSP 2024, arXiv:2305.05644"
+    trains_a = True
+
+    def aggregate(self, state: State, updates: Sequence[State], weights: torch.Tensor) -> State:
+        new = dict(state)
+        new.update(weighted_average(updates, weights))
+        return new

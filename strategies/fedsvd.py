@@ -1,0 +1,65 @@
+"""FedSVD: FFA-style B-only training plus an exact SVD re-factorisation of B̄·A every round.
+
+Lee et al., "FedSVD: Adaptive Orthogonalization for Private Federated Learning with LoRA",
+NeurIPS 2025 (arXiv 2505.12805); behaviour follows the official code (seanie12/fed-svd).
+
+Clients train only B against the broadcast A. The server averages B̄ = Σ p_k B_k (exact, since A is
+shared), then re-factorises the product B̄A = U Σ Vᵀ and sets A ← Vᵀ (orthonormal rows) and
+B ← UΣ, so the model function is unchanged while A adapts to the data. Round 1 trains against
+peft's Kaiming A, as the official code does.
+
+The official code runs a dense SVD of the m×n product: O(mn·min(m, n)) time and O(mn) memory.
+`refactorize` gives the same factors from two thin QRs and an r×r SVD, O((m+n)r²), never forming
+m×n (shared/notes/algorithms.md §4):  Aᵀ = Q_A R_A,  B̄ = Q_B R_B,  R_B R_Aᵀ = U_c Σ V_cᵀ  ⇒
+B̄A = (Q_B U_c) Σ (Q_A V_c)ᵀ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import A_SUFFIX, B_SUFFIX, LoraMethod, State, layer_names, weighted_average
+
+__all__ = ["FedSVD", "refactorize"]
+
+
+def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact thin SVD factors of B·A without forming it: returns (UΣ, Vᵀ) with Vᵀ orthonormal rows.
+
+    Sign convention (for reproducibility across implementations): the largest-magnitude entry
+    of each row of the new A is positive. Singular values are in descending order. Computed in
+    float64, returned in B's dtype. A zero B gives B = 0 and an orthonormal A, never NaN.
+    """
+    m, r = B.shape
+    r_a, n = A.shape
+    if r_a != r:
+        raise ValueError(f"B is {m}×{r} but A is {r_a}×{n}: ranks differ")
+    if r > min(m, n):
+        raise ValueError(f"rank {r} exceeds the layer size {m}×{n}")
+    dtype = B.dtype
+    q_a, r_a_mat = torch.linalg.qr(A.to(torch.float64).T)  # n×r, r×r
+    q_b, r_b_mat = torch.linalg.qr(B.to(torch.float64))  # m×r, r×r
+    u_c, s, vh_c = torch.linalg.svd(r_b_mat @ r_a_mat.T)  # r×r core
+    new_a = vh_c @ q_a.T  # r×n, orthonormal rows
+    new_b = (q_b @ u_c) * s  # m×r, = U Σ
+    pivot = new_a.abs().argmax(dim=1)
+    sign = torch.sign(new_a.gather(1, pivot[:, None])).squeeze(1)
+    sign[sign == 0] = 1.0
+    return (new_b * sign).to(dtype), (new_a * sign[:, None]).to(A.dtype)
+
+
+class FedSVD(LoraMethod):
+    name = "fedsvd"
+    paper = "Lee et al., NeurIPS 2025, arXiv:2505.12805"
+    trains_a = False
+
+    def aggregate(self, state: State, updates: Sequence[State], weights: torch.Tensor) -> State:
+        new = dict(state)
+        new.update(weighted_average(updates, weights))
+        for layer in layer_names(new):
+            new[layer + B_SUFFIX], new[layer + A_SUFFIX] = refactorize(
+                new[layer + B_SUFFIX], new[layer + A_SUFFIX]
+            )
+        return new

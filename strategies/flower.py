@@ -1,0 +1,174 @@
+"""The thin Flower adapter: one `flwr` Strategy that drives any pure `LoraMethod`.
+
+It does what Flower's FedAvg would get wrong for LoRA: it samples partitions (not Flower's random
+node ids) with a generator seeded by (seed, round), sends each client only what its method needs,
+validates replies itself (error replies, wrong keys or shapes, non-finite values and empty
+clients are dropped and counted rather than averaged), aggregates in partition order so that runs
+are bit-for-bit reproducible, and keeps per-client values out of Flower's metric averaging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from .base import LoraMethod, State, normalized_weights
+
+__all__ = ["LoraStrategy", "from_record", "payload_bytes", "to_record"]
+
+
+def payload_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Σ numel × itemsize of the arrays of one message."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> State:
+    return dict(record.to_torch_state_dict())
+
+
+class LoraStrategy(Strategy):
+    """Flower strategy over a `LoraMethod`.
+
+    Parameters
+    ----------
+    method : LoraMethod
+        The pure aggregation method (see `fedlora.strategies`).
+    partitions : Mapping[int, int]
+        partition-id → Flower node id of every connected client.
+    clients_per_round : int
+        Clients sampled for training (and for client-side evaluation) each round.
+    seed : int
+        Seeds client sampling: round t samples with a generator seeded by (seed, t).
+    evaluate_clients : bool (default: False)
+        Ask sampled clients to evaluate the global model on their local test split.
+    """
+
+    def __init__(self, method: LoraMethod, *, partitions: Mapping[int, int], clients_per_round: int,
+                 seed: int, evaluate_clients: bool = False) -> None:
+        if clients_per_round > len(partitions):
+            raise ValueError(f"clients-per-round={clients_per_round} is larger than the "
+                             f"{len(partitions)} connected clients")
+        self.method = method
+        self.partitions = dict(partitions)
+        self._pid_of_node = {node: pid for pid, node in self.partitions.items()}
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.evaluate_clients = evaluate_clients
+        self.contacted: set[int] = set()  # partitions that have received the full state once
+        self._state: State = {}
+        self._bytes_down = 0
+
+    def sample(self, server_round: int, stream: int = 0) -> list[int]:
+        """Partition ids for a round, reproducible from (seed, round) alone."""
+        rng = np.random.default_rng([self.seed, server_round, stream])
+        pids = sorted(self.partitions)
+        return sorted(int(p) for p in rng.choice(pids, size=self.clients_per_round, replace=False))
+
+    def _message(self, pid: int, content: RecordDict, kind: str) -> Message:
+        return Message(content, message_type=kind, dst_node_id=self.partitions[pid])
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """One message per sampled partition, carrying only what its method sends down."""
+        self._state = from_record(arrays)
+        self._bytes_down = 0
+        messages = []
+        for pid in self.sample(server_round):
+            payload = self.method.downlink(self._state, first_contact=pid not in self.contacted)
+            self.contacted.add(pid)
+            self._bytes_down += payload_bytes(payload)
+            cfg = ConfigRecord({**dict(config), "server-round": server_round})
+            messages.append(self._message(pid, RecordDict({"arrays": to_record(payload), "config": cfg}),
+                                          MessageType.TRAIN))
+        return messages
+
+    def _valid_updates(self, replies: Iterable[Message]) -> tuple[list[tuple[int, State, int, float]], list[str]]:
+        expected = self.method.uplink_keys(self._state)
+        ok, rejected = [], []
+        for reply in replies:
+            pid = self._pid_of_node.get(reply.metadata.src_node_id, -1)
+            if reply.has_error():
+                rejected.append(f"client {pid}: error {reply.error.reason}")
+                continue
+            update = from_record(reply.content["arrays"])
+            metrics = reply.content["metrics"]
+            problem = None
+            if sorted(update) != expected:
+                problem = f"sent keys {sorted(set(update) ^ set(expected))[:4]} out of line with {self.method.name}"
+            elif any(update[k].shape != self._state[k].shape for k in expected):
+                problem = "sent arrays of the wrong shape"
+            elif not all(bool(torch.isfinite(update[k]).all()) for k in expected):
+                problem = "sent non-finite values"
+            elif int(metrics.get("num-examples", 0)) <= 0:
+                problem = "reported no training examples"
+            if problem:
+                rejected.append(f"client {pid}: {problem}")
+                continue
+            ok.append((pid, update, int(metrics["num-examples"]), float(metrics["train-loss"])))
+        ok.sort(key=lambda item: item[0])  # a fixed order makes the float sums reproducible
+        return ok, rejected
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, then aggregate the valid ones with the method."""
+        ok, rejected = self._valid_updates(replies)
+        for reason in rejected:
+            log(WARNING, "round %d: dropped reply from %s", server_round, reason)
+        if not ok:
+            raise RuntimeError(f"round {server_round}: no usable client reply ({'; '.join(rejected) or 'none arrived'})")
+        weights = normalized_weights([n for _, _, n, _ in ok])
+        self._state = self.method.aggregate(self._state, [u for _, u, _, _ in ok], weights)
+        metrics = MetricRecord({
+            "train_loss": float(sum(w * loss for w, (_, _, _, loss) in zip(weights.tolist(), ok))),
+            "num_clients": len(ok),
+            "num_rejected": len(rejected),
+            "bytes_up": sum(payload_bytes(u) for _, u, _, _ in ok),
+            "bytes_down": self._bytes_down,
+        })
+        return to_record(self._state), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Client-side evaluation on local test splits, if enabled (full state to each client)."""
+        if not self.evaluate_clients:
+            return []
+        cfg = ConfigRecord({**dict(config), "server-round": server_round})
+        return [self._message(pid, RecordDict({"arrays": arrays, "config": cfg}), MessageType.EVALUATE)
+                for pid in self.sample(server_round, stream=1)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' local accuracy and loss."""
+        rows = [r.content["metrics"] for r in replies if not r.has_error()]
+        rows = [m for m in rows if int(m["num-examples"]) > 0]
+        if not rows:
+            return None
+        n = np.array([int(m["num-examples"]) for m in rows], dtype=np.float64)
+        acc = np.array([float(m["accuracy"]) for m in rows])
+        loss = np.array([float(m["loss"]) for m in rows])
+        return MetricRecord({"client_accuracy": float(n @ acc / n.sum()),
+                             "client_loss": float(n @ loss / n.sum()), "client_evaluated": len(rows)})
+
+    def summary(self) -> None:
+        log(INFO, "\t├── method: %s (%s); clients train %s", self.method.name, self.method.paper,
+            "A and B" if self.method.trains_a else "B only")
+        log(INFO, "\t└── %d of %d clients per round, seed %d", self.clients_per_round,
+            len(self.partitions), self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method.state_dict(), "contacted": sorted(self.contacted)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.contacted = set(state["contacted"])

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random BERT with its own small vocabulary and a synthetic labelled CSV.
+
+Nothing here needs the network, the bundled MiniLM or the tweet corpus: the tokenizer is built
+from a vocabulary file written by the fixture, and the text carries a learnable signal.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = {"neg": "bad awful terrible sad poor", "neu": "table chair window door floor",
+         "pos": "good great happy love nice"}
+FILLER = "the a of and it is was".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT (hidden 32) saved with a word-level vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *" ".join(WORDS.values()).split()]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    """600 short texts, 3 classes, each text mixing its class words with filler."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(600):
+        label = str(rng.choice(list(WORDS)))
+        words = WORDS[label].split() * 2 + FILLER
+        rows.append((" ".join(rng.choice(words, 8)), label))
+    path = tmp_path_factory.mktemp("data") / "tiny.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def tiny_overrides(tiny_model_dir, tiny_csv) -> dict:
+    """Run-config overrides for a seconds-long run on the tiny model and data."""
+    return {"model": str(tiny_model_dir), "dataset": str(tiny_csv), "test-size": 120,
+            "clients-per-round": 3, "num-server-rounds": 2, "local-steps": 5, "batch-size": 16,
+            "min-partition-size": 20, "max-length": 16, "learning-rate": 0.5}
+
+
+def fedlora_run(overrides: dict, *, num_supernodes: int = 3, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`fedlora run` on this repo as a user would call it (a separate process)."""
+    import json
+
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+    cmd = [sys.executable, "-m", "fedlora.simulations.cli", "run", str(REPO), "--quiet",
+           "--num-supernodes", str(num_supernodes), "--run-config", pairs]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)

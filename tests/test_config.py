@@ -1,0 +1,98 @@
+"""Bad input fails at start-up with an error that names the key and the allowed values.
+
+Covers the typed run config, data and model checks, and `fedlora run` itself (exit 2, nothing
+started)."""
+
+from __future__ import annotations
+
+import time
+import tomllib
+
+import pytest
+
+from conftest import REPO, fedlora_run
+from fedlora.core.config import ConfigError, RunConfig
+from fedlora.simulations.runner import preflight, resolve_config
+
+
+def test_pyproject_declares_every_key_with_the_dataclass_default():
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RunConfig().to_run_config()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"strategy": "fedavgx"}, "strategy='fedavgx' is not allowed; choose one of ['fedit', 'fedsvd', 'ffa']"),
+    ({"partitioner": "zipf"}, "choose one of ['iid', 'dirichlet', 'pathological']"),
+    ({"lora-rank": 0}, "lora-rank=0 must be > 0"),
+    ({"lora-rank": -4}, "lora-rank=-4 must be > 0"),
+    ({"optimizer": "lion"}, "optimizer='lion'"),
+    ({"head": "maybe"}, "['trainable', 'frozen']"),
+    ({"evaluate-on": "nowhere"}, "evaluate-on"),
+    ({"learning-rate": "fast"}, "learning-rate='fast' must be a float"),
+    ({"lora-rank": 8.5}, "lora-rank=8.5 must be a int"),
+    ({"lora-dropout": 1.0}, "lora-dropout"),
+    ({"output-dir": "relative/path"}, "must be an absolute path"),
+    ({"lora-rnak": 8}, "unknown run-config key(s) ['lora-rnak']"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config(overrides)
+    assert message in str(err.value)
+
+
+def test_ints_are_accepted_for_floats():
+    assert RunConfig.from_run_config({"learning-rate": 1}).learning_rate == 1.0
+
+
+def test_clients_per_round_cannot_exceed_clients():
+    with pytest.raises(ConfigError, match="clients-per-round=10 is larger than the number of clients \\(3\\)"):
+        RunConfig().check_federation(3)
+
+
+def test_relative_output_dir_is_made_absolute(tmp_path):
+    cfg = resolve_config(REPO, {"output-dir": "outs/x"}, cwd=tmp_path)
+    assert cfg.output_dir == str(tmp_path / "outs" / "x")
+    assert resolve_config(REPO, {}, cwd=tmp_path).output_dir.startswith(str(tmp_path / "outputs"))
+
+
+def _cfg(tiny_overrides, **kw) -> RunConfig:
+    return RunConfig.from_run_config({**tiny_overrides, **kw})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dataset": "/nonexistent/data.csv"}, "is neither a built-in dataset ['tweets'] nor an existing file"),
+    ({"text-column": "body"}, "text-column='body' is not a column"),
+    ({"label-column": "y"}, "label-column='y' is not a column"),
+    ({"min-partition-size": 400}, "min-partition-size=400 cannot be met"),
+    ({"partitioner": "pathological", "classes-per-client": 5}, "classes-per-client=5 exceeds the 3 classes"),
+    ({"test-size": 600}, "test-size=600 leaves no training rows"),
+    ({"model": "/nonexistent/model"}, "is not a model directory"),
+])
+def test_preflight_rejects_bad_data_and_models(tiny_overrides, change, message):
+    with pytest.raises(ConfigError) as err:
+        preflight(_cfg(tiny_overrides, **change), 3)
+    assert message in str(err.value)
+
+
+def test_unreachable_hub_model_gives_a_clear_offline_error(tiny_overrides, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="could not be fetched from the Hugging Face hub"):
+        preflight(_cfg(tiny_overrides, model="someone/some-model-that-is-not-cached"), 3)
+
+
+def test_target_modules_must_exist(tiny_overrides):
+    from fedlora.core.model import build_model
+
+    with pytest.raises(ConfigError, match=r"target-modules \['q_proj'\] do not name modules"):
+        build_model(_cfg(tiny_overrides, **{"target-modules": "q_proj"}), 3)
+
+
+def test_fedlora_run_rejects_bad_input_before_starting_anything(tiny_overrides, tmp_path):
+    start = time.monotonic()
+    res = fedlora_run({**tiny_overrides, "strategy": "nope", "output-dir": str(tmp_path / "o")})
+    assert res.returncode == 2
+    assert "strategy='nope' is not allowed; choose one of" in res.stderr
+    assert not (tmp_path / "o").exists()
+    res = fedlora_run({**tiny_overrides, "clients-per-round": 4}, num_supernodes=3)
+    assert res.returncode == 2 and "clients-per-round=4 is larger" in res.stderr
+    assert time.monotonic() - start < 120  # no hang: no SuperLink was started

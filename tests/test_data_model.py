@@ -1,0 +1,70 @@
+"""Data splits and the model/state plumbing that server and clients share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.core.config import RunConfig
+from fedlora.core.data import client_data, load_text_data, partition, split_test
+from fedlora.core.model import build_model, global_state, load_state
+from fedlora.core.train import train_local
+
+
+@pytest.fixture
+def cfg(tiny_overrides) -> RunConfig:
+    return RunConfig.from_run_config(tiny_overrides)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
+def test_partitions_are_disjoint_cover_train_and_exclude_test(cfg, partitioner):
+    cfg = cfg.replace(partitioner=partitioner)
+    parts = partition(cfg, 4)
+    rows = np.concatenate(parts)
+    assert len(rows) == len(set(rows.tolist()))
+    test_rows = set(range(len(load_text_data(cfg)))) - set(rows.tolist())
+    assert len(rows) + cfg.test_size == len(load_text_data(cfg))
+    assert len(test_rows) == cfg.test_size == len(split_test(cfg))
+    if partitioner == "pathological":
+        labels = load_text_data(cfg).labels
+        assert all(len(set(labels[p].tolist())) <= cfg.classes_per_client for p in parts)
+    assert [p.tolist() for p in partition(cfg, 4)] == [p.tolist() for p in parts]  # deterministic
+
+
+def test_client_holds_out_its_local_test_fraction(cfg):
+    data = client_data(cfg, 1, 3)
+    n = len(partition(cfg, 3)[1])
+    assert len(data.test) == round(cfg.local_test_fraction * n)
+    assert len(data.train) + len(data.test) == n
+
+
+def test_same_seed_builds_the_same_initial_state(cfg):
+    a, b = global_state(build_model(cfg, 3)), global_state(build_model(cfg, 3))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("head.") for k in a)
+    assert all(float(v.abs().max()) == 0 for k, v in a.items() if k.endswith("lora_B"))
+    frozen = global_state(build_model(cfg.replace(head="frozen"), 3))
+    assert not any(k.startswith("head.") for k in frozen)
+
+
+def test_b_only_training_leaves_a_and_the_base_untouched(cfg):
+    bundle = build_model(cfg, 3)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    trainable = [k for k in bundle.params if not k.endswith("lora_A")]
+    losses = train_local(bundle, client_data(cfg, 0, 3).train, cfg, trainable, seed=(0, 1, 0))
+    assert len(losses) == cfg.local_steps
+    after = bundle.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_B" in k or "modules_to_save" in k for k in changed), changed
+
+
+def test_load_state_rejects_unknown_keys_and_wrong_shapes(cfg):
+    bundle = build_model(cfg, 3)
+    state = global_state(bundle)
+    key = next(k for k in state if k.endswith("lora_B"))
+    with pytest.raises(ValueError, match="has shape"):
+        load_state(bundle, {key: torch.zeros(1, 1)})
+    with pytest.raises(KeyError, match="does not have"):
+        load_state(bundle, {"nope.lora_B": torch.zeros(1)})

@@ -1,0 +1,141 @@
+"""The whole path through `fedlora run`: a private SuperLink, the simulation engine, the ServerApp
+and ClientApp, and the outputs a user reads. Tiny random BERT, 3 clients, 2 rounds.
+
+These tests start real Flower processes, so they run serially and check that none is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import fedlora_run
+
+pytestmark = pytest.mark.slow
+
+FLOWER_PROCS = "flower-superlink|flower-superexec|flwr-simulation|flwr-serverapp|flwr-clientapp"
+ROUND_KEYS = {"round", "strategy", "test_accuracy", "test_loss", "train_loss", "num_clients",
+              "bytes_up", "bytes_down", "seconds"}
+
+
+def _flower_pids() -> set[str]:
+    res = subprocess.run(["pgrep", "-f", FLOWER_PROCS], capture_output=True, text=True)
+    return set(res.stdout.split())
+
+
+@pytest.fixture(autouse=True)
+def no_flower_left_behind():
+    before = _flower_pids()
+    yield
+    left = _flower_pids() - before
+    assert not left, f"Flower processes left running: {left}"
+
+
+def _run_ok(overrides: dict) -> dict:
+    res = fedlora_run(overrides)
+    assert res.returncode == 0, f"fedlora run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return overrides
+
+
+def _rows(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _init_state(overrides: dict):
+    from fedlora.core.config import RunConfig
+    from fedlora.core.model import build_model, global_state
+
+    cfg = RunConfig.from_run_config({k: v for k, v in overrides.items() if k != "output-dir"})
+    return cfg, global_state(build_model(cfg, 3, {0: "neg", 1: "neu", 2: "pos"}))
+
+
+def _adapter_predictions(out_dir, cfg):
+    """Load the exported adapter with plain peft/transformers and predict the server's test split."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora.core.data import split_test
+    from fedlora.core.model import ModelBundle
+    from fedlora.core.train import evaluate
+
+    adapter = out_dir / "adapter"
+    id2label = {int(k): v for k, v in json.loads((adapter / "id2label.json").read_text()).items()}
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=len(id2label))
+    model = PeftModel.from_pretrained(base, adapter)
+    from transformers import AutoTokenizer
+
+    bundle = ModelBundle(model, AutoTokenizer.from_pretrained(adapter), {}, cfg.model)
+    return evaluate(bundle, split_test(cfg), cfg)["predictions"].tolist()
+
+
+@pytest.mark.parametrize("strategy", ["fedsvd", "ffa", "fedit"])
+def test_strategy_end_to_end(strategy, tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    overrides = _run_ok({**tiny_overrides, "strategy": strategy, "output-dir": str(out)})
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert ROUND_KEYS <= set(row), set(row)
+        assert row["num_clients"] == 3 and row["strategy"] == strategy
+
+    cfg, init = _init_state(overrides)
+    adapter = {k.replace("base_model.model.", ""): v
+               for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items()}
+    lora_a = {k: v for k, v in adapter.items() if "lora_A" in k}
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    assert len(lora_a) == len(lora_b) == 4  # 2 layers × query, value
+    init_b = {k: v for k, v in init.items() if k.endswith("lora_B")}
+    assert all(float(v.abs().max()) == 0 for v in init_b.values())
+    assert any(float(v.abs().max()) > 0 for v in lora_b.values()), "LoRA B never left its zero init"
+    init_a = sorted((k, v) for k, v in init.items() if k.endswith("lora_A"))
+    saved_a = [v for _, v in sorted(lora_a.items())]
+    if strategy == "fedsvd":
+        for a in saved_a:
+            torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)
+    elif strategy == "ffa":
+        for (_, a0), a in zip(init_a, saved_a):
+            torch.testing.assert_close(a, a0, atol=0, rtol=0)  # A is frozen for good
+    else:
+        assert any(not torch.equal(a, a0) for (_, a0), a in zip(init_a, saved_a))
+
+    # b-only uplink: B (m×r per layer) + head; no A
+    if strategy in ("fedsvd", "ffa"):
+        head = sum(v.numel() * 4 for k, v in init.items() if k.startswith("head."))
+        b_bytes = sum(v.numel() * 4 for k, v in init.items() if k.endswith("lora_B"))
+        assert rows[1]["bytes_up"] == 3 * (b_bytes + head)
+
+    saved = json.loads((out / "predictions.json").read_text())["predictions"]
+    assert _adapter_predictions(out, cfg) == saved
+
+
+def test_same_seed_same_adapter(tiny_overrides, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        _run_ok({**tiny_overrides, "num-server-rounds": 1, "output-dir": str(out)})
+        runs.append(load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_failing_run_exits_nonzero(tiny_overrides, tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").unlink()  # passes the pre-flight check, fails in the ServerApp
+    res = fedlora_run({**tiny_overrides, "model": str(broken), "output-dir": str(tmp_path / "out")})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "run failed" in res.stderr
+
+
+def test_client_side_evaluation(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    _run_ok({**tiny_overrides, "evaluate-on": "both", "num-server-rounds": 1, "output-dir": str(out)})
+    row = _rows(out)[1]
+    assert 0.0 <= row["client_accuracy"] <= 1.0 and row["client_evaluated"] == 3
+    assert "test_accuracy" in row
