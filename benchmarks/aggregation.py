@@ -152,6 +152,7 @@ def bench_config(m: int, r: int) -> dict:
         "fedsvd_over_floor": fedsvd["median_ms"] / floor["median_ms"],
         "relative_product_error_vs_naive": err,
         "dense_product_bytes": m * n * 4,
+        "loadavg_1min_after": os.getloadavg()[0],
     }
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "ModelBundle",
     "adapter_params",
     "build_model",
+    "check_model",
     "global_state",
     "load_state",
     "pick_device",
@@ -99,10 +100,7 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model={cfg.model!r} could not be loaded from {path}: {exc}") from exc
-    present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    missing = [m for m in cfg.target_module_list if m not in present]
-    if missing:
-        raise ConfigError(f"target-modules {missing} do not name modules of {cfg.model!r}")
+    check_target_modules(cfg, base)
     lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=cfg.target_module_list)
     with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
@@ -112,6 +110,28 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
     for p in model.parameters():
         p.requires_grad_(False)
     return ModelBundle(model, tokenizer, params, path)
+
+
+def check_target_modules(cfg: RunConfig, model: torch.nn.Module) -> None:
+    """Every name in `target-modules` must be the last component of some module's name."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_module_list if m not in present]
+    if missing:
+        raise ConfigError(f"target-modules {missing} do not name modules of {cfg.model!r}")
+
+
+def check_model(cfg: RunConfig) -> None:
+    """Cheap start-up check of `model` and `target-modules`: the architecture is built on the
+    meta device (no weights are loaded or allocated)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model={cfg.model!r}: {path} holds no usable config.json ({exc})") from exc
+    with torch.device("meta"):
+        check_target_modules(cfg, AutoModelForSequenceClassification.from_config(config))
 
 
 def adapter_params(model: torch.nn.Module, *, head: bool) -> dict[str, torch.nn.Parameter]:

@@ -71,9 +71,7 @@ def preflight(cfg: RunConfig, num_supernodes: int) -> None:
     data.partition(cfg, num_supernodes)
     for pid in range(num_supernodes):
         data.client_data(cfg, pid, num_supernodes)
-    path = model.resolve_model_path(cfg.model)
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"model={cfg.model!r}: {path} has no config.json")
+    model.check_model(cfg)
 
 
 def _free_port() -> int:
@@ -135,21 +133,39 @@ def _wait_healthy(proc: subprocess.Popen, port: int, log_path: Path, timeout: fl
     raise RunFailed(f"flower-superlink did not become healthy within {timeout:.0f} s; see {log_path}")
 
 
+def _group_alive(pgid: int) -> bool:
+    """Does process group `pgid` still have a live (non-zombie) member?"""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: fall back to "any member at all"
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the SuperLink's process group, SIGKILL whatever is left after `grace` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            break
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)  # anyone left in the group?
-            except ProcessLookupError:
-                proc.poll()
-                return
+        while time.monotonic() < deadline and _group_alive(proc.pid):
             proc.poll()
             time.sleep(0.2)
+        if not _group_alive(proc.pid):
+            break
+    proc.wait(timeout=5)
 
 
 def _flwr(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess:

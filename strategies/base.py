@@ -9,7 +9,7 @@ pure torch: no Flower, no model, no data, so it is testable with plain tensors.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -65,7 +65,8 @@ def weighted_average(updates: Sequence[Mapping[str, torch.Tensor]], weights: tor
 
 
 class LoraMethod(ABC):
-    """Base class of an aggregation method; subclasses set the class attributes and `aggregate`.
+    """Base class of an aggregation method: subclasses set the class attributes and override
+    `aggregate` / `downlink` where they differ from plain averaging of what clients send.
 
     `trains_a` says whether clients train (and send) `lora_A`; `b-only` methods send no A at all.
     """
@@ -82,9 +83,11 @@ class LoraMethod(ABC):
         """What the server sends to one client; `first_contact` is True the first time it is sampled."""
         return dict(state)
 
-    @abstractmethod
     def aggregate(self, state: State, updates: Sequence[State], weights: torch.Tensor) -> State:
-        """The next global state from the current one and the clients' updates."""
+        """The next global state: what clients sent, weight-averaged; everything else kept."""
+        new = dict(state)
+        new.update(weighted_average(updates, weights))
+        return new
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that must survive a restart (none for stateless methods)."""

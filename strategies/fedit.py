@@ -7,11 +7,7 @@ Inexact: B̄Ā ≠ Σ p_k B_k A_k in general. Linear, so it can run under secure
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-from .base import LoraMethod, State, weighted_average
+from .base import LoraMethod
 
 __all__ = ["FedIT"]
 
@@ -19,9 +15,4 @@ __all__ = ["FedIT"]
 class FedIT(LoraMethod):
     name = "fedit"
     paper = "Zhang et al., ICASSP 2024, arXiv:2305.05644"
-    trains_a = True
-
-    def aggregate(self, state: State, updates: Sequence[State], weights: torch.Tensor) -> State:
-        new = dict(state)
-        new.update(weighted_average(updates, weights))
-        return new
+    trains_a = True  # and the base class averages A and B

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import A_SUFFIX, B_SUFFIX, LoraMethod, State, layer_names, weighted_average
+from .base import A_SUFFIX, B_SUFFIX, LoraMethod, State, layer_names
 
 __all__ = ["FedSVD", "refactorize"]
 
@@ -56,8 +56,7 @@ class FedSVD(LoraMethod):
     trains_a = False
 
     def aggregate(self, state: State, updates: Sequence[State], weights: torch.Tensor) -> State:
-        new = dict(state)
-        new.update(weighted_average(updates, weights))
+        new = super().aggregate(state, updates, weights)  # B̄ = Σ p_k B_k, A kept
         for layer in layer_names(new):
             new[layer + B_SUFFIX], new[layer + A_SUFFIX] = refactorize(
                 new[layer + B_SUFFIX], new[layer + A_SUFFIX]

@@ -7,11 +7,7 @@ it to a client only the first time that client is sampled (the client caches it)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-from .base import A_SUFFIX, LoraMethod, State, weighted_average
+from .base import A_SUFFIX, LoraMethod, State
 
 __all__ = ["FFALoRA"]
 
@@ -25,8 +21,3 @@ class FFALoRA(LoraMethod):
         if first_contact:
             return dict(state)
         return {k: v for k, v in state.items() if not k.endswith(A_SUFFIX)}
-
-    def aggregate(self, state: State, updates: Sequence[State], weights: torch.Tensor) -> State:
-        new = dict(state)
-        new.update(weighted_average(updates, weights))
-        return new

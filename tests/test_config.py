@@ -83,8 +83,10 @@ def test_unreachable_hub_model_gives_a_clear_offline_error(tiny_overrides, monke
 def test_target_modules_must_exist(tiny_overrides):
     from fedlora.core.model import build_model
 
-    with pytest.raises(ConfigError, match=r"target-modules \['q_proj'\] do not name modules"):
-        build_model(_cfg(tiny_overrides, **{"target-modules": "q_proj"}), 3)
+    cfg = _cfg(tiny_overrides, **{"target-modules": "query,q_proj"})
+    for check in (lambda: preflight(cfg, 3), lambda: build_model(cfg, 3)):
+        with pytest.raises(ConfigError, match=r"target-modules \['q_proj'\] do not name modules"):
+            check()
 
 
 def test_fedlora_run_rejects_bad_input_before_starting_anything(tiny_overrides, tmp_path):

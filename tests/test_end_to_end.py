@@ -7,6 +7,7 @@ These tests start real Flower processes, so they run serially and check that non
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -24,8 +25,11 @@ ROUND_KEYS = {"round", "strategy", "test_accuracy", "test_loss", "train_loss", "
 
 
 def _flower_pids() -> set[str]:
-    res = subprocess.run(["pgrep", "-f", FLOWER_PROCS], capture_output=True, text=True)
-    return set(res.stdout.split())
+    """Live Flower processes (zombies awaiting their reaper are not running)."""
+    res = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True)
+    rows = (line.split(None, 2) for line in res.stdout.splitlines())
+    return {pid for pid, stat, args in (r for r in rows if len(r) == 3)
+            if not stat.startswith("Z") and re.search(FLOWER_PROCS, args)}
 
 
 @pytest.fixture(autouse=True)
