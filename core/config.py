@@ -65,6 +65,10 @@ class RunConfig:
     optimizer: str = "sgd"
     learning_rate: float = 1.0
     max_grad_norm: float = 1.0
+    # strategy options
+    fair_lambda: float = 0.01
+    fair_steps: int = 500
+    fair_lr: float = 0.05
     # evaluation
     evaluate_on: str = "server"
     eval_batch_size: int = 128
@@ -124,11 +128,12 @@ class RunConfig:
         choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
         for key in ("num-server-rounds", "clients-per-round", "max-length", "lora-rank",
                     "test-size", "local-steps", "batch-size", "eval-batch-size",
-                    "classes-per-client"):
+                    "classes-per-client", "fair-steps"):
             positive(key, getattr(self, key.replace("-", "_")))
-        for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout"):
+        for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout", "fair-lr"):
             positive(key, getattr(self, key.replace("-", "_")))
         positive("max-grad-norm", self.max_grad_norm, zero_ok=True)
+        positive("fair-lambda", self.fair_lambda, zero_ok=True)
         positive("min-partition-size", self.min_partition_size, zero_ok=True)
         positive("seed", self.seed, zero_ok=True)
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -80,7 +80,7 @@ def main(grid: Grid, context: Context) -> None:
 
     partitions = discover_partitions(grid, timeout=cfg.round_timeout)
     cfg.check_federation(len(partitions))
-    strategy = LoraStrategy(get_method(cfg.strategy), partitions=partitions,
+    strategy = LoraStrategy(get_method(cfg.strategy, cfg.to_run_config()), partitions=partitions,
                             clients_per_round=cfg.clients_per_round, seed=cfg.seed,
                             evaluate_clients=cfg.evaluate_on in ("clients", "both"))
     strategy.summary()

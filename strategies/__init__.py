@@ -6,15 +6,20 @@ The Flower adapter lives in `fedlora.strategies.flower` (imported lazily: the ma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .base import LoraMethod, State, normalized_weights, weighted_average
 from .fedit import FedIT
 from .fedsvd import FedSVD, refactorize
 from .ffa import FFALoRA
+from .lorafair import LoRAFAIR
 
 __all__ = [
     "FFALoRA",
     "FedIT",
     "FedSVD",
+    "LoRAFAIR",
     "LoraMethod",
     "State",
     "available_strategies",
@@ -24,7 +29,7 @@ __all__ = [
     "weighted_average",
 ]
 
-_REGISTRY: dict[str, type[LoraMethod]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedSVD)}
+_REGISTRY: dict[str, type[LoraMethod]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedSVD, LoRAFAIR)}
 
 
 def available_strategies() -> list[str]:
@@ -32,9 +37,14 @@ def available_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str) -> LoraMethod:
-    """A fresh method object for `name`; `ValueError` lists the allowed names."""
+def get_method(name: str, run_config: Mapping[str, Any] | None = None) -> LoraMethod:
+    """A fresh method object for `name`, with its options read from a kebab-case run config.
+
+    `ValueError` lists the allowed names.
+    """
     try:
-        return _REGISTRY[name]()
+        cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"strategy={name!r} is unknown; choose one of {available_strategies()}") from None
+    run_config = run_config or {}
+    return cls(**{arg: run_config[key] for arg, key in cls.options.items() if key in run_config})

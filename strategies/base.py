@@ -74,6 +74,8 @@ class LoraMethod(ABC):
     name: ClassVar[str]
     paper: ClassVar[str]
     trains_a: ClassVar[bool]
+    #: constructor argument -> run-config key, for methods with options of their own
+    options: ClassVar[dict[str, str]] = {}
 
     def uplink_keys(self, state: Mapping[str, torch.Tensor]) -> list[str]:
         """The keys a client sends back: what it trained."""
@@ -88,6 +90,10 @@ class LoraMethod(ABC):
         new = dict(state)
         new.update(weighted_average(updates, weights))
         return new
+
+    def round_metrics(self) -> dict[str, float]:
+        """Extra per-round numbers of the last `aggregate`, written to metrics.jsonl."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that must survive a restart (none for stateless methods)."""

@@ -136,6 +136,7 @@ class LoraStrategy(Strategy):
             "num_rejected": len(rejected),
             "bytes_up": sum(payload_bytes(u) for _, u, _, _ in ok),
             "bytes_down": self._bytes_down,
+            **self.method.round_metrics(),
         })
         return to_record(self._state), metrics
 

@@ -21,7 +21,7 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"strategy": "fedavgx"}, "strategy='fedavgx' is not allowed; choose one of ['fedit', 'fedsvd', 'ffa']"),
+    ({"strategy": "fedavgx"}, "strategy='fedavgx' is not allowed; choose one of ['fedit', 'fedsvd', 'ffa', 'lorafair']"),
     ({"partitioner": "zipf"}, "choose one of ['iid', 'dirichlet', 'pathological']"),
     ({"lora-rank": 0}, "lora-rank=0 must be > 0"),
     ({"lora-rank": -4}, "lora-rank=-4 must be > 0"),
@@ -31,6 +31,8 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     ({"learning-rate": "fast"}, "learning-rate='fast' must be a float"),
     ({"lora-rank": 8.5}, "lora-rank=8.5 must be a int"),
     ({"lora-dropout": 1.0}, "lora-dropout"),
+    ({"fair-lambda": -0.1}, "fair-lambda=-0.1 must be >= 0"),
+    ({"fair-steps": 0}, "fair-steps=0 must be > 0"),
     ({"output-dir": "relative/path"}, "must be an absolute path"),
     ({"lora-rnak": 8}, "unknown run-config key(s) ['lora-rnak']"),
 ])

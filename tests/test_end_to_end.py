@@ -77,7 +77,7 @@ def _adapter_predictions(out_dir, cfg):
     return evaluate(bundle, split_test(cfg), cfg)["predictions"].tolist()
 
 
-@pytest.mark.parametrize("strategy", ["fedsvd", "ffa", "fedit"])
+@pytest.mark.parametrize("strategy", ["fedsvd", "ffa", "fedit", "lorafair"])
 def test_strategy_end_to_end(strategy, tiny_overrides, tmp_path):
     out = tmp_path / "run"
     overrides = _run_ok({**tiny_overrides, "strategy": strategy, "output-dir": str(out)})
@@ -86,6 +86,8 @@ def test_strategy_end_to_end(strategy, tiny_overrides, tmp_path):
     for row in rows[1:]:
         assert ROUND_KEYS <= set(row), set(row)
         assert row["num_clients"] == 3 and row["strategy"] == strategy
+        if strategy == "lorafair":  # the correction never makes the aggregate worse
+            assert row["fair_cos_after"] >= row["fair_cos_before"] - 1e-9
 
     cfg, init = _init_state(overrides)
     adapter = {k.replace("base_model.model.", ""): v
