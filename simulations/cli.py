@@ -1,6 +1,6 @@
 """`fedlora` console script.
 
-    fedlora run [APP_DIR] [--run-config "key=value ..."] [--num-supernodes N]
+    fedlora run [APP_DIR] [--run-config "key=value ..."] [--num-supernodes N] [--client-cpus C]
 
 validates the run config, runs the simulation on a private SuperLink (see `runner`), waits for the
 end and exits 0 on success, 1 if the run failed, 2 on bad input (before anything started).
@@ -31,13 +31,16 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import RunFailed, preflight, resolve_config, run_simulation
 
     try:
+        if args.client_cpus < 1:
+            raise ConfigError(f"--client-cpus={args.client_cpus} must be >= 1")
         cfg = resolve_config(Path(args.app), _parse_overrides(args.run_config or []))
         preflight(cfg, args.num_supernodes)
     except ConfigError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
     try:
-        out = run_simulation(Path(args.app), cfg, args.num_supernodes, quiet=args.quiet)
+        out = run_simulation(Path(args.app), cfg, args.num_supernodes, client_cpus=args.client_cpus,
+                             quiet=args.quiet)
     except RunFailed as exc:
         print(f"fedlora: run failed: {exc}", file=sys.stderr)
         return 1
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="override [tool.flwr.app.config] keys, as with `flwr run --run-config`")
     run.add_argument("--num-supernodes", type=int, default=10,
                      help="number of simulated clients (default: 10)")
+    run.add_argument("--client-cpus", type=int, default=1,
+                     help="CPU cores per simulated client; clients run in parallel on the cores "
+                          "left (default: 1)")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the run's log")
     args = parser.parse_args(argv)
     return _run(args)

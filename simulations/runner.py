@@ -172,7 +172,8 @@ def _flwr(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Complet
     return subprocess.run([_flwr_bin("flwr"), *args], env=env, text=True, **kw)
 
 
-def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, quiet: bool = False) -> Path:
+def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client_cpus: int = 1,
+                   quiet: bool = False) -> Path:
     """Run the app to completion; returns the output dir, raises `RunFailed` if the run failed."""
     out_dir = Path(cfg.output_dir)
     logs = out_dir / "logs"
@@ -181,7 +182,9 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, quiet:
     overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_run_config().items()))
     with private_superlink(logs / "superlink.log") as env:
         submit = _flwr(["run", str(Path(app_dir).resolve()), _CONNECTION, "--run-config", str(overrides),
-                        "--federation-config", f"num-supernodes={num_supernodes}", "--format", "json"],
+                        "--federation-config",
+                        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
+                        "--format", "json"],
                        env, capture_output=True)
         try:
             run_id = str(json.loads(submit.stdout)["run-id"])
