@@ -21,7 +21,9 @@ very differently for small and large adapters (an lr tuned on one scale stalls o
 another). Adam is invariant to the gradient's scale, and we let it move ΔB in units of B̄'s RMS
 entry, so one default works at any adapter scale. The lr decays geometrically to 1 % of
 `fair-lr` over `fair-steps` steps so that the iterate settles instead of oscillating, and the
-solver stops early once the loss has improved by less than `tol` (relative) over 20 steps.
+solver stops early once the loss has improved by less than `tol` (relative) over 20 steps. It
+returns the best iterate seen, so the loss never exceeds that of ΔB = 0 and the corrected cosine
+is never below FedIT's.
 Defaults: 500 steps at lr 0.05 reach the λ = 0 optimum (the projection of ΔW onto Ā's row
 space) to < 1e-4 in cosine on the test problems, in about 10 ms per 384×8 layer.
 """
@@ -91,15 +93,19 @@ def fair_correction(problem: FairProblem, lam: float, steps: int, lr: float, tol
     opt = torch.optim.Adam([x], lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.01 ** (1.0 / max(steps, 1)))
     history: list[float] = []
-    for _ in range(steps):
+    best_loss, best_x = float("inf"), x.detach().clone()
+    for _ in range(steps + 1):
         loss, grad = problem.loss_and_grad(rms * x.detach(), lam)
+        if loss < best_loss:  # Adam's first steps have a fixed size and can overshoot a near-optimum
+            best_loss, best_x = loss, x.detach().clone()
         history.append(loss)
-        if len(history) > 20 and history[-21] - loss <= tol * max(abs(history[-21]), 1e-12):
+        if len(history) > steps or (len(history) > 20 and history[-21] - loss <= tol * max(abs(history[-21]), 1e-12)):
             break
         x.grad = rms * grad
         opt.step()
         sched.step()
-    return rms * x.detach()
+    # The best iterate, never worse than ΔB = 0: so the cosine never drops below FedIT's.
+    return rms * best_x
 
 
 class LoRAFAIR(LoraMethod):

@@ -69,6 +69,16 @@ def test_solver_beats_fedit_and_reaches_the_optimum_without_regulariser(m, n, r,
     assert unregularised >= corrected - 1e-9
 
 
+def test_an_aggregate_that_is_already_optimal_is_not_made_worse():
+    # identical A on every client (round 1 of a run): B̄Ā = ΔW up to float error, cos ≈ 1
+    bs, as_, w = _clients(48, 40, 4, 3, 1e-3)
+    as_ = [as_[0]] * 3
+    problem = FairProblem.build(bs, as_, w)
+    before = problem.cosine(problem.b_bar)
+    assert before == pytest.approx(1.0, abs=1e-12)
+    assert problem.cosine(problem.b_bar + fair_correction(problem, 0.01, 500, 0.05)) >= before
+
+
 def test_zero_updates_give_zero_correction_and_no_nan():
     bs = [torch.zeros(16, 4) for _ in range(3)]
     as_ = [torch.randn(4, 12) for _ in range(3)]
