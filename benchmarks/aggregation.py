@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "fedsvd-server-step",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/aggregation.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", *sys.argv]),
         "machine": machine,
         "torch_version": torch.__version__,
         "settings": {"K": K, "threads": THREADS, "dtype": "float32", "sizes": sizes, "ranks": [8, 16]},

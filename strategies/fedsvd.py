@@ -46,7 +46,6 @@ def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     new_b = (q_b @ u_c) * s  # m×r, = U Σ
     pivot = new_a.abs().argmax(dim=1)
     sign = torch.sign(new_a.gather(1, pivot[:, None])).squeeze(1)
-    sign[sign == 0] = 1.0
     return (new_b * sign).to(dtype), (new_a * sign[:, None]).to(A.dtype)
 
 
