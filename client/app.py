@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.data import ClientData, client_data, load_text_data
-from fedlora.core.model import ModelBundle, build_model, global_state, load_state, pick_device
+from fedlora.core.model import ModelBundle, build_model, load_state, pick_device
 from fedlora.core.train import evaluate, train_local
 from fedlora.strategies import get_method
 from fedlora.strategies.flower import from_record, to_record
@@ -36,19 +36,23 @@ def _bundle(cfg: RunConfig) -> ModelBundle:
     return bundle
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, ModelBundle, ClientData, int]:
-    cfg = RunConfig.from_run_config(context.run_config)
+def _partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) of this node."""
     try:
-        pid = int(context.node_config["partition-id"])
-        num = int(context.node_config["num-partitions"])
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except KeyError as exc:
         raise ConfigError(f"node config lacks {exc}: start the SuperNode with "
                           "--node-config 'partition-id=<i> num-partitions=<n>'") from None
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, ModelBundle, ClientData, int]:
+    cfg = RunConfig.from_run_config(context.run_config)
+    pid, num = _partition(context)
     bundle = _bundle(cfg)
     # Anything the server did not resend this time (FFA's fixed A) comes from the node's cache.
     received = from_record(context.state[_RECEIVED]) if _RECEIVED in context.state else {}
     received.update(from_record(msg.content["arrays"]))
-    missing = sorted(set(global_state(bundle)) - set(received))
+    missing = sorted(set(bundle.params) - set(received))
     if missing:
         raise RuntimeError(f"client {pid} has no value for {missing[:3]}... (the server sends "
                            "them on first contact; was this node's state lost?)")
@@ -60,8 +64,8 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, ModelBundle, Clie
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (sampling is by partition, not node id)."""
-    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"]),
-                            "num-partitions": int(context.node_config["num-partitions"])})
+    pid, num = _partition(context)
+    metrics = MetricRecord({"partition-id": pid, "num-partitions": num})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -9,6 +9,7 @@ error that names the key and the allowed values, so that nothing fails mid-run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -33,7 +34,7 @@ def _key(name: str) -> str:
 class RunConfig:
     """Every run-config key of fedlora; field `foo_bar` is the key `foo-bar`.
 
-    Defaults here equal those in `pyproject.toml`; `docs/config.md` explains each key.
+    Defaults here equal those in `pyproject.toml`; the README's Configuration table explains each key.
     """
 
     strategy: str = "fedsvd"
@@ -117,6 +118,8 @@ class RunConfig:
                 raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
 
         def positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value!r} must be a finite number")
             if value < 0 or (value == 0 and not zero_ok):
                 bound = ">= 0" if zero_ok else "> 0"
                 raise ConfigError(f"{key}={value!r} must be {bound}")
@@ -136,6 +139,9 @@ class RunConfig:
         positive("fair-lambda", self.fair_lambda, zero_ok=True)
         positive("min-partition-size", self.min_partition_size, zero_ok=True)
         positive("seed", self.seed, zero_ok=True)
+        if self.evaluate_on != "server" and self.local_test_fraction == 0:
+            raise ConfigError(f"evaluate-on={self.evaluate_on!r} needs local-test-fraction > 0 "
+                              "(clients evaluate on the share of their data they hold out)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora-dropout={self.lora_dropout!r} must be in [0, 1)")
         if not 0.0 <= self.local_test_fraction < 1.0:

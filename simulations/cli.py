@@ -9,6 +9,7 @@ end and exits 0 on success, 1 if the run failed, 2 on bad input (before anything
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def _parse_overrides(items: list[str]) -> dict:
         raise ConfigError(f"--run-config could not be parsed ({exc}); use \"key=value key2='text'\"") from exc
 
 
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import RunFailed, preflight, resolve_config, run_simulation
 
@@ -38,6 +43,9 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
+    # A `kill` (or a CI cancel) must still stop the SuperLink: make SIGTERM/SIGHUP unwind like Ctrl-C.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_exit)
     try:
         out = run_simulation(Path(args.app), cfg, args.num_supernodes, client_cpus=args.client_cpus,
                              quiet=args.quiet)

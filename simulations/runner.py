@@ -5,7 +5,7 @@ fixed port, may re-install dependencies per run, `--stream` exits 0 even when th
 raises, and sampling more clients than are connected waits forever. So `run_simulation` validates
 the config first, starts its own SuperLink (simulation mode, loopback, free ports, temporary
 FLWR_HOME, runtime dependency installation off) in a new process group, submits the run, streams
-its log, reads the final status with `flwr ls`, and stops the whole process group it started.
+its log, reads the final status with `flwr ls`, and stops every process it started.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ def resolve_config(app_dir: Path, overrides: dict[str, Any], *, cwd: Path | None
     if not out:
         out = str(base / "outputs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
     merged["output-dir"] = str((base / out).resolve()) if not os.path.isabs(out) else out
+    # The apps run in the SuperLink's working directory, not the user's: anchor relative paths.
+    for key in ("dataset", "model"):
+        value = str(merged.get(key) or "")
+        if value and not os.path.isabs(value) and (base / value).exists():
+            merged[key] = str((base / value).resolve())
     return RunConfig.from_run_config(merged)
 
 
@@ -67,6 +72,8 @@ def preflight(cfg: RunConfig, num_supernodes: int) -> None:
     from fedlora.core import data, model
 
     cfg.check_federation(num_supernodes)
+    if (Path(cfg.output_dir) / "metrics.jsonl").exists():
+        raise ConfigError(f"output-dir={cfg.output_dir!r} already holds a run; choose another folder")
     data.split_test(cfg)
     data.partition(cfg, num_supernodes)
     for pid in range(num_supernodes):
@@ -90,31 +97,32 @@ def _flwr_bin(name: str) -> str:
 def private_superlink(log_path: Path) -> Iterator[dict[str, str]]:
     """A simulation SuperLink on free loopback ports; yields the environment for `flwr` calls.
 
-    It runs in its own process group, which is terminated (then killed) on exit, taking the
-    SuperExec, the simulation process and its Ray workers with it.
+    On exit the SuperLink and every process descended from it are terminated, then killed:
+    flwr starts the SuperExec in a session of its own, so the process group alone is not enough.
+    On Linux the SuperLink also receives SIGTERM if this process dies without cleaning up.
     """
     home = Path(tempfile.mkdtemp(prefix="fedlora-flwr-home-"))
-    http_port, control_port = _free_port(), _free_port()
+    http_port = _free_port()
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "TOKENIZERS_PARALLELISM": "false",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{_CONNECTION}"\n\n[superlink.{_CONNECTION}]\n'
         f'address = "127.0.0.1:{http_port}"\ninsecure = true\n')
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [_flwr_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--host", "127.0.0.1", "--port", str(http_port),
-           "--control-api-address", f"127.0.0.1:{control_port}",
            "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
     try:
         _wait_healthy(proc, http_port, log_path)
         yield env
     finally:
-        _stop_group(proc)
+        _stop_tree(proc)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -133,43 +141,76 @@ def _wait_healthy(proc: subprocess.Popen, port: int, log_path: Path, timeout: fl
     raise RunFailed(f"flower-superlink did not become healthy within {timeout:.0f} s; see {log_path}")
 
 
-def _group_alive(pgid: int) -> bool:
-    """Does process group `pgid` still have a live (non-zombie) member?"""
-    proc = Path("/proc")
-    if not proc.is_dir():  # not Linux: fall back to "any member at all"
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-    for stat in proc.glob("[0-9]*/stat"):
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: cleanup relies on the finally block
+
+
+def _children() -> dict[int, list[int]]:
+    """parent pid -> live (non-zombie) child pids, from /proc (empty where there is no /proc)."""
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # exited while we looked
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if fields[0] != "Z":
+            kids.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return kids
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the SuperLink's process group, SIGKILL whatever is left after `grace` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+def _descendants(pid: int) -> set[int]:
+    kids, out, todo = _children(), set(), [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
         try:
-            os.killpg(proc.pid, sig)
+            os.kill(pid, 0)
+            return True
         except ProcessLookupError:
-            break
+            return False
+
+
+def _stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the SuperLink and all its descendants, SIGKILL what is left after `grace` s."""
+    pids = {proc.pid} | _descendants(proc.pid)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        pids |= {d for p in list(pids) for d in _descendants(p)}  # late-born children too
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(proc.pid):
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
             proc.poll()
             time.sleep(0.2)
-        if not _group_alive(proc.pid):
+        if not any(_alive(p) for p in pids):
             break
     proc.wait(timeout=5)
 
 
-def _flwr(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess:
-    return subprocess.run([_flwr_bin("flwr"), *args], env=env, text=True, **kw)
+def _flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([_flwr_bin("flwr"), *args], env=env, text=True, capture_output=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RunFailed(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from None
 
 
 def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client_cpus: int = 1,
@@ -185,7 +226,7 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client
                         "--federation-config",
                         f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
                         "--format", "json"],
-                       env, capture_output=True)
+                       env)
         try:
             run_id = str(json.loads(submit.stdout)["run-id"])
         except (ValueError, KeyError):
@@ -209,17 +250,19 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client
     return out_dir
 
 
-def _run_status(run_id: str, env: dict[str, str], timeout: float = 60.0) -> str:
-    """The run's final status from `flwr ls` (waits briefly for it to leave 'running')."""
-    deadline = time.monotonic() + timeout
-    status = "unknown"
-    while time.monotonic() < deadline:
-        res = _flwr(["ls", _CONNECTION, "--run-id", run_id, "--format", "json"], env, capture_output=True)
+def _run_status(run_id: str, env: dict[str, str], poll: float = 2.0) -> str:
+    """The run's final status from `flwr ls`, polled until it has finished.
+
+    The log stream can end before the run does (a dropped connection); the ServerApp's own
+    `round-timeout` bounds how long a live run can wait for its clients.
+    """
+    while True:
+        res = _flwr(["ls", _CONNECTION, "--run-id", run_id, "--format", "json"], env)
         try:
             status = json.loads(res.stdout)["runs"][0]["status"]
         except (ValueError, KeyError, IndexError):
-            status = f"unknown ({res.stdout.strip()[:200]} {res.stderr.strip()[:200]})"
+            raise RunFailed(f"cannot read the status of run {run_id}: {res.stdout.strip()[:300]} "
+                            f"{res.stderr.strip()[:300]}") from None
         if status.startswith("finished"):
             return status
-        time.sleep(1.0)
-    return status
+        time.sleep(poll)

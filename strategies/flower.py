@@ -87,7 +87,6 @@ class LoraStrategy(Strategy):
         messages = []
         for pid in self.sample(server_round):
             payload = self.method.downlink(self._state, first_contact=pid not in self.contacted)
-            self.contacted.add(pid)
             self._bytes_down += payload_bytes(payload)
             cfg = ConfigRecord({**dict(config), "server-round": server_round})
             messages.append(self._message(pid, RecordDict({"arrays": to_record(payload), "config": cfg}),
@@ -118,6 +117,8 @@ class LoraStrategy(Strategy):
                 continue
             ok.append((pid, update, int(metrics["num-examples"]), float(metrics["train-loss"])))
         ok.sort(key=lambda item: item[0])  # a fixed order makes the float sums reproducible
+        # Only a client that answered has surely received what was sent on first contact.
+        self.contacted.update(pid for pid, *_ in ok)
         return ok, rejected
 
     def aggregate_train(self, server_round: int,

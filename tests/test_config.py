@@ -5,6 +5,7 @@ started)."""
 
 from __future__ import annotations
 
+import os
 import time
 import tomllib
 
@@ -34,6 +35,9 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     ({"fair-lambda": -0.1}, "fair-lambda=-0.1 must be >= 0"),
     ({"fair-steps": 0}, "fair-steps=0 must be > 0"),
     ({"output-dir": "relative/path"}, "must be an absolute path"),
+    ({"learning-rate": float("nan")}, "learning-rate=nan must be a finite number"),
+    ({"round-timeout": float("inf")}, "round-timeout=inf must be a finite number"),
+    ({"evaluate-on": "clients", "local-test-fraction": 0.0}, "needs local-test-fraction > 0"),
     ({"lora-rnak": 8}, "unknown run-config key(s) ['lora-rnak']"),
 ])
 def test_bad_values_name_the_key(overrides, message):
@@ -69,11 +73,32 @@ def _cfg(tiny_overrides, **kw) -> RunConfig:
     ({"partitioner": "pathological", "classes-per-client": 5}, "classes-per-client=5 exceeds the 3 classes"),
     ({"test-size": 600}, "test-size=600 leaves no training rows"),
     ({"model": "/nonexistent/model"}, "is not a model directory"),
+    ({"partitioner": "pathological", "classes-per-client": 1, "min-partition-size": 0},
+     "classes-per-client=1 × 2 clients cannot cover the 3 classes"),
+    ({"lora-rank": 40}, "lora-rank=40 exceeds the size of"),
+    ({"max-length": 100}, "max-length=100 exceeds the model's 64 positions"),
+    ({"target-modules": "LayerNorm"}, "target-modules='LayerNorm'"),
 ])
 def test_preflight_rejects_bad_data_and_models(tiny_overrides, change, message):
     with pytest.raises(ConfigError) as err:
-        preflight(_cfg(tiny_overrides, **change), 3)
+        preflight(_cfg(tiny_overrides, **{"clients-per-round": 2, **change}), 2)
     assert message in str(err.value)
+
+
+def test_relative_data_and_model_paths_are_anchored_at_the_callers_directory(tiny_overrides, tmp_path):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    overrides = {**tiny_overrides, "dataset": os.path.relpath(tiny_overrides["dataset"], cwd),
+                 "model": os.path.relpath(tiny_overrides["model"], cwd)}
+    cfg = resolve_config(REPO, overrides, cwd=cwd)
+    assert cfg.dataset == tiny_overrides["dataset"] and cfg.model == tiny_overrides["model"]
+    assert resolve_config(REPO, {"dataset": "tweets"}, cwd=cwd).dataset == "tweets"
+
+
+def test_an_output_dir_holding_a_run_is_not_reused(tiny_overrides, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        preflight(_cfg(tiny_overrides, **{"output-dir": str(tmp_path)}), 3)
 
 
 def test_unreachable_hub_model_gives_a_clear_offline_error(tiny_overrides, monkeypatch):

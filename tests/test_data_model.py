@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedlora.core.config import RunConfig
-from fedlora.core.data import client_data, load_text_data, partition, split_test
+from fedlora.core.data import _split_indices, client_data, load_text_data, partition, split_test
 from fedlora.core.model import build_model, global_state, load_state
 from fedlora.core.train import train_local
 
@@ -23,9 +23,11 @@ def test_partitions_are_disjoint_cover_train_and_exclude_test(cfg, partitioner):
     parts = partition(cfg, 4)
     rows = np.concatenate(parts)
     assert len(rows) == len(set(rows.tolist()))
-    test_rows = set(range(len(load_text_data(cfg)))) - set(rows.tolist())
-    assert len(rows) + cfg.test_size == len(load_text_data(cfg))
-    assert len(test_rows) == cfg.test_size == len(split_test(cfg))
+    test_idx, train_idx = _split_indices(cfg)
+    assert sorted(rows.tolist()) == sorted(train_idx.tolist())
+    assert not set(rows.tolist()) & set(test_idx.tolist())
+    assert len(test_idx) == cfg.test_size == len(split_test(cfg))
+    assert split_test(cfg).texts == tuple(load_text_data(cfg).texts[i] for i in test_idx)
     if partitioner == "pathological":
         labels = load_text_data(cfg).labels
         assert all(len(set(labels[p].tolist())) <= cfg.classes_per_client for p in parts)

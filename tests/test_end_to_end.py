@@ -145,3 +145,24 @@ def test_client_side_evaluation(tiny_overrides, tmp_path):
     row = _rows(out)[1]
     assert 0.0 <= row["client_accuracy"] <= 1.0 and row["client_evaluated"] == 3
     assert "test_accuracy" in row
+
+
+def test_sigterm_stops_everything_it_started(tiny_overrides, tmp_path):
+    import signal
+    import sys
+    import time
+
+    from conftest import REPO
+
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in
+                     {**tiny_overrides, "num-server-rounds": 50, "output-dir": str(tmp_path / "o")}.items())
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora.simulations.cli", "run", str(REPO),
+                             "--num-supernodes", "3", "--run-config", pairs],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # wait until the run is under way
+        if "round 1/50" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0

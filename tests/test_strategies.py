@@ -396,15 +396,6 @@ def test_get_method_returns_a_fresh_instance(name, cls):
 # communication cost of a B-only uplink
 
 
-def _optional_payload_bytes():
-    """`fedlora.strategies.flower.payload_bytes` once that module exists (it needs Flower)."""
-    try:
-        from fedlora.strategies import flower
-    except ImportError:
-        return None
-    return getattr(flower, "payload_bytes", None)
-
-
 @pytest.mark.parametrize("name", ["ffa", "fedsvd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_b_only_uplink_bytes(name, dtype):
@@ -420,6 +411,6 @@ def test_b_only_uplink_bytes(name, dtype):
     fedit_uplink = [state[k] for k in FedIT().uplink_keys(state)]
     assert _nbytes(fedit_uplink) - expected == sum(r * n * itemsize for _, n, r in LAYERS.values())
 
-    payload_bytes = _optional_payload_bytes()
-    if payload_bytes is not None:
-        assert payload_bytes(uplink) == expected
+    from fedlora.strategies.flower import payload_bytes
+
+    assert payload_bytes(uplink) == expected

@@ -1,0 +1,96 @@
+"""The Flower adapter (`strategies/flower.py`) without a running Flower: seeded sampling by
+partition, what goes down on first contact, and how bad replies are dropped and counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.strategies import get_method
+from fedlora.strategies.flower import LoraStrategy, from_record, payload_bytes, to_record
+
+PARTITIONS = {pid: 1000 + pid for pid in range(6)}  # partition-id -> node id
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages need a run id, which Flower sets inside a real run."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"l.lora_A": torch.randn(2, 5, generator=g), "l.lora_B": torch.zeros(4, 2),
+            "head.w": torch.randn(3, 4, generator=g)}
+
+
+def _strategy(name: str = "ffa", k: int = 3) -> LoraStrategy:
+    return LoraStrategy(get_method(name), partitions=PARTITIONS, clients_per_round=k, seed=7)
+
+
+def _reply(msg: Message, arrays: dict, num_examples: int = 10, loss: float = 1.0) -> Message:
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss})
+    return Message(RecordDict({"arrays": to_record(arrays), "metrics": metrics}), reply_to=msg)
+
+
+def test_sampling_is_seeded_by_round_not_by_node_ids():
+    a, b = _strategy(), _strategy()
+    rounds = [a.sample(r) for r in range(1, 9)]
+    assert rounds == [b.sample(r) for r in range(1, 9)]
+    assert all(len(set(s)) == 3 and set(s) <= set(PARTITIONS) for s in rounds)
+    assert len({tuple(s) for s in rounds}) > 1  # rounds differ
+    other = LoraStrategy(get_method("ffa"), partitions=PARTITIONS, clients_per_round=3, seed=8)
+    assert [other.sample(r) for r in range(1, 9)] != rounds
+
+
+def test_ffa_sends_a_until_a_client_has_answered():
+    strategy, state = _strategy(k=6), _state()
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), grid=None))
+    assert all("l.lora_A" in m.content["arrays"] for m in msgs)
+    answered = msgs[:4]  # two clients never answer (lost message, timeout)
+    b = {"l.lora_B": torch.ones(4, 2), "head.w": torch.zeros(3, 4)}
+    strategy.aggregate_train(1, [_reply(m, b) for m in answered])
+    msgs2 = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, to_record(state), ConfigRecord(), None)}
+    for m in answered:
+        assert "l.lora_A" not in msgs2[m.metadata.dst_node_id].content["arrays"]
+    for m in msgs[4:]:
+        assert "l.lora_A" in msgs2[m.metadata.dst_node_id].content["arrays"]
+
+
+def test_bad_replies_are_dropped_and_counted():
+    strategy, state = _strategy("fedsvd", k=5), _state()
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
+    good = {"l.lora_B": torch.full((4, 2), 2.0), "head.w": torch.ones(3, 4)}
+    replies = [
+        _reply(msgs[0], good, num_examples=30, loss=0.5),
+        _reply(msgs[1], {**good, "l.lora_B": torch.full((4, 2), float("nan"))}),  # non-finite
+        _reply(msgs[2], {**good, "l.lora_A": torch.zeros(2, 5)}),  # sends A under a B-only method
+        _reply(msgs[3], {**good, "l.lora_B": torch.zeros(5, 2)}),  # wrong shape
+        _reply(msgs[4], good, num_examples=0),  # no examples
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["num_clients"] == 1 and metrics["num_rejected"] == 4
+    assert metrics["train_loss"] == 0.5
+    new = from_record(arrays)
+    torch.testing.assert_close(new["l.lora_B"] @ new["l.lora_A"], good["l.lora_B"] @ state["l.lora_A"])
+    assert metrics["bytes_up"] == payload_bytes(good)
+    assert metrics["bytes_down"] == 5 * payload_bytes(state)
+
+
+def test_no_usable_reply_is_an_error_naming_the_reasons():
+    strategy, state = _strategy("fedit", k=2), _state()
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
+    with pytest.raises(RuntimeError, match="no usable client reply.*reported no training examples"):
+        strategy.aggregate_train(1, [_reply(m, state, num_examples=0) for m in msgs])
+
+
+def test_state_dict_round_trip():
+    strategy = _strategy()
+    strategy.contacted = {1, 4}
+    clone = _strategy()
+    clone.load_state_dict(strategy.state_dict())
+    assert clone.contacted == {1, 4}
