@@ -19,7 +19,8 @@ from conftest import fedlora_run
 
 pytestmark = pytest.mark.slow
 
-FLOWER_PROCS = "flower-superlink|flower-superexec|flwr-simulation|flwr-serverapp|flwr-clientapp"
+FLOWER_PROCS = ("flower-superlink|flower-superexec|flwr-simulation|flwr-serverapp|flwr-clientapp"
+                "|raylet|gcs_server|ray::")
 ROUND_KEYS = {"round", "strategy", "test_accuracy", "test_loss", "train_loss", "num_clients",
               "bytes_up", "bytes_down", "seconds"}
 
@@ -123,7 +124,7 @@ def test_same_seed_same_adapter(tiny_overrides, tmp_path):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        _run_ok({**tiny_overrides, "num-server-rounds": 1, "output-dir": str(out)})
+        _run_ok({**tiny_overrides, "output-dir": str(out)})  # round 2 trains against FedSVD's new A
         runs.append(load_file(out / "adapter" / "adapter_model.safetensors"))
     assert runs[0].keys() == runs[1].keys()
     for key in runs[0]:
@@ -139,12 +140,17 @@ def test_failing_run_exits_nonzero(tiny_overrides, tiny_model_dir, tmp_path):
     assert "run failed" in res.stderr
 
 
-def test_client_side_evaluation(tiny_overrides, tmp_path):
+def test_client_side_evaluation_with_a_frozen_head(tiny_overrides, tmp_path):
     out = tmp_path / "run"
-    _run_ok({**tiny_overrides, "evaluate-on": "both", "num-server-rounds": 1, "output-dir": str(out)})
+    overrides = _run_ok({**tiny_overrides, "evaluate-on": "both", "head": "frozen", "num-server-rounds": 1,
+                         "output-dir": str(out)})
     row = _rows(out)[1]
     assert 0.0 <= row["client_accuracy"] <= 1.0 and row["client_evaluated"] == 3
     assert "test_accuracy" in row
+    cfg, init = _init_state(overrides)
+    assert not any(k.startswith("head.") for k in init)  # a frozen head is never exchanged...
+    saved = json.loads((out / "predictions.json").read_text())["predictions"]
+    assert _adapter_predictions(out, cfg) == saved  # ...but saved, so the adapter reproduces the server
 
 
 def test_sigterm_stops_everything_it_started(tiny_overrides, tmp_path):
