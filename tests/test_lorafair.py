@@ -43,7 +43,7 @@ def test_gram_form_matches_dense_autograd(m, n, r, K, scale):
     loss_t = 1 - (prod * dw).sum() / (prod.norm() * dw.norm()) + 0.01 * (delta * delta).sum()
     loss_t.backward()
     loss, grad = problem.loss_and_grad(delta.detach(), 0.01)
-    assert loss == pytest.approx(float(loss_t), rel=1e-12, abs=1e-14)
+    assert loss == pytest.approx(float(loss_t.detach()), rel=1e-12, abs=1e-14)
     assert loss - 0.01 * float((delta * delta).sum()) == pytest.approx(dense_loss, abs=1e-12)
     torch.testing.assert_close(grad, delta.grad, rtol=1e-9, atol=1e-12 * max(1.0, float(delta.grad.abs().max())))
 
