@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlora.strategies.base import HEAD_PREFIX
+
 from .config import ConfigError, RunConfig
 
 __all__ = [
@@ -166,7 +168,7 @@ def adapter_params(model: torch.nn.Module, *, head: bool) -> dict[str, torch.nn.
             if name.endswith(marker):
                 out[name[: -len(marker)] + "." + factor] = param
         if head and ".modules_to_save.default." in name:
-            out["head." + name.replace(".modules_to_save.default", "")] = param
+            out[HEAD_PREFIX + name.replace(".modules_to_save.default", "")] = param
     if not any(k.endswith(".lora_B") for k in out):
         raise ConfigError("no LoRA layers were created; check target-modules")
     return out

@@ -9,7 +9,6 @@ pure torch: no Flower, no model, no data, so it is testable with plain tensors.
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -64,7 +63,7 @@ def weighted_average(updates: Sequence[Mapping[str, torch.Tensor]], weights: tor
     return out
 
 
-class LoraMethod(ABC):
+class LoraMethod:
     """Base class of an aggregation method: subclasses set the class attributes and override
     `aggregate` / `downlink` where they differ from plain averaging of what clients send.
 

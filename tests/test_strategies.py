@@ -27,7 +27,7 @@ from fedlora.strategies import (
     refactorize,
     weighted_average,
 )
-from fedlora.strategies.base import A_SUFFIX, B_SUFFIX, HEAD_PREFIX
+from fedlora.strategies.base import A_SUFFIX, B_SUFFIX
 
 # --------------------------------------------------------------------------------------------------
 # helpers
