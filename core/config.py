@@ -11,15 +11,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["ConfigError", "RunConfig", "PARTITIONERS", "OPTIMIZERS", "HEAD_POLICIES", "EVALUATE_ON"]
+__all__ = ["AUTO", "EVALUATE_ON", "HEAD_POLICIES", "OPTIMIZERS", "PARTITIONERS", "ConfigError", "RunConfig", "check_ranks"]
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 OPTIMIZERS = ("sgd", "adam")
 HEAD_POLICIES = ("trainable", "frozen")
 EVALUATE_ON = ("server", "clients", "both")
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+#: the run-config value that means "this strategy's default" (learning-rate, evaluate-on)
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -47,6 +52,7 @@ class RunConfig:
     max_length: int = 64
     target_modules: str = "query,value"
     lora_rank: int = 8
+    lora_ranks: str = ""  # mixed ranks: client k uses lora-ranks[k mod len] (e.g. "4,8,16")
     lora_alpha: float = 8.0
     lora_dropout: float = 0.05
     head: str = "trainable"
@@ -64,19 +70,26 @@ class RunConfig:
     local_steps: int = 10
     batch_size: int = 32
     optimizer: str = "sgd"
-    learning_rate: float = 1.0
+    learning_rate: float | None = None  # "auto" in the run config: the strategy's default
     max_grad_norm: float = 1.0
+    # differential privacy: DP-SGD on every client, per-client budget ledger (fedlora.privacy)
+    dp: bool = False
+    target_epsilon: float = 6.0
+    target_delta: float = 1e-5
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+    dp_max_participations: int | None = None  # "auto": num-server-rounds
     # strategy options
     fair_lambda: float = 0.01
     fair_steps: int = 500
     fair_lr: float = 0.05
     # evaluation
-    evaluate_on: str = "server"
+    evaluate_on: str = AUTO  # the strategy's default: "clients" for FedSA, else "server"
     eval_batch_size: int = 128
     round_timeout: float = 3600.0
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build and validate a config from Flower's kebab-case run config.
 
         Unknown keys are an error (a typo must not silently fall back to a default).
@@ -90,16 +103,34 @@ class RunConfig:
         values: dict[str, Any] = {}
         for key, value in run_config.items():
             f = known[key]
+            if value == AUTO and key in _AUTO_KEYS:
+                continue  # the dataclass default: resolved from the strategy in __post_init__
             values[f.name] = _coerce(key, value, f.type)
         cfg = cls(**values)
         cfg.validate()
         return cfg
 
+    def __post_init__(self) -> None:
+        """Fill the values left "auto" from the strategy's defaults (a frozen dataclass, hence
+        object.__setattr__). `replace` keeps resolved values: pass them again for a new strategy."""
+        from fedlora.strategies import method_class
+
+        try:
+            defaults = method_class(self.strategy).defaults
+        except ValueError:
+            return  # validate() reports the unknown strategy
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", float(defaults["learning-rate"]))
+        if self.evaluate_on == AUTO:
+            object.__setattr__(self, "evaluate_on", defaults.get("evaluate-on", "server"))
+        if self.dp_max_participations is None:
+            object.__setattr__(self, "dp_max_participations", self.num_server_rounds)
+
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case dict Flower expects (inverse of `from_run_config`)."""
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         """A validated copy with some fields changed."""
         cfg = dataclasses.replace(self, **changes)
         cfg.validate()
@@ -109,9 +140,29 @@ class RunConfig:
     def target_module_list(self) -> list[str]:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
+    @property
+    def rank_list(self) -> list[int]:
+        """`lora-ranks` as integers (empty: every client uses `lora-rank`)."""
+        try:
+            ranks = [int(r) for r in self.lora_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ConfigError(f"lora-ranks={self.lora_ranks!r} must be comma-separated integers, e.g. '4,8,16'") from None
+        if any(r <= 0 for r in ranks):
+            raise ConfigError(f"lora-ranks={self.lora_ranks!r}: every rank must be > 0")
+        return ranks
+
+    def client_rank(self, partition_id: int) -> int:
+        """The LoRA rank of a client: lora-ranks[partition-id mod len], else lora-rank."""
+        ranks = self.rank_list
+        return ranks[partition_id % len(ranks)] if ranks else self.lora_rank
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.rank_list or [self.lora_rank])
+
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad key and its allowed values."""
-        from fedlora.strategies import available_strategies
+        from fedlora.strategies import available_strategies, method_class
 
         def choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
             if value not in allowed:
@@ -125,13 +176,16 @@ class RunConfig:
                 raise ConfigError(f"{key}={value!r} must be {bound}")
 
         choice("strategy", self.strategy, available_strategies())
+        method = method_class(self.strategy)
         choice("head", self.head, HEAD_POLICIES)
         choice("partitioner", self.partitioner, PARTITIONERS)
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
+        choice("accountant", self.accountant, ACCOUNTANTS)
+        choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
         for key in ("num-server-rounds", "clients-per-round", "max-length", "lora-rank",
                     "test-size", "local-steps", "batch-size", "eval-batch-size",
-                    "classes-per-client", "fair-steps"):
+                    "classes-per-client", "fair-steps", "dp-max-participations", "target-epsilon"):
             positive(key, getattr(self, key.replace("-", "_")))
         for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout", "fair-lr"):
             positive(key, getattr(self, key.replace("-", "_")))
@@ -139,6 +193,14 @@ class RunConfig:
         positive("fair-lambda", self.fair_lambda, zero_ok=True)
         positive("min-partition-size", self.min_partition_size, zero_ok=True)
         positive("seed", self.seed, zero_ok=True)
+        if not 0.0 < self.target_delta < 1.0:
+            raise ConfigError(f"target-delta={self.target_delta!r} must be in (0, 1)")
+        if self.dp and self.max_grad_norm == 0:
+            raise ConfigError("dp=true needs max-grad-norm > 0: it is DP-SGD's per-sample clipping bound C")
+        check_ranks(self.strategy, self.rank_list)
+        if method.personalized and self.evaluate_on != "clients":
+            raise ConfigError(f"strategy={self.strategy!r} keeps each client's B on the client, so only clients "
+                              f"can evaluate: use evaluate-on='clients' (or 'auto'), not {self.evaluate_on!r}")
         if self.evaluate_on != "server" and self.local_test_fraction == 0:
             raise ConfigError(f"evaluate-on={self.evaluate_on!r} needs local-test-fraction > 0 "
                               "(clients evaluate on the share of their data they hold out)")
@@ -169,12 +231,28 @@ class RunConfig:
             )
 
 
+def check_ranks(strategy: str, ranks: list[int]) -> None:
+    """Mixed LoRA ranks only with a strategy that can aggregate them."""
+    from fedlora.strategies import available_strategies, method_class
+
+    if len(set(ranks)) > 1 and not method_class(strategy).mixed_ranks:
+        able = [s for s in available_strategies() if method_class(s).mixed_ranks]
+        raise ConfigError(f"strategy={strategy!r} cannot aggregate mixed LoRA ranks {sorted(set(ranks))}; "
+                          f"use one rank, or one of {able}")
+
+
+_AUTO_KEYS = ("learning-rate", "evaluate-on", "dp-max-participations")
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check one value's type; TOML ints are accepted where a float is expected."""
-    kind = {"int": int, "float": float, "str": str}.get(
-        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    )
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(name.removesuffix(" | None"))
     if kind is None:
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
         return value
     if isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} must be a {kind.__name__}, not a bool")

@@ -9,14 +9,15 @@ dict is what travels between server and clients.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-
-from fedlora.strategies.base import HEAD_PREFIX
+from fedlora.strategies.base import DELTA_SUFFIXES, HEAD_PREFIX, is_delta_key
 
 from .config import ConfigError, RunConfig
 
@@ -30,6 +31,9 @@ __all__ = [
     "load_state",
     "pick_device",
     "resolve_model_path",
+    "save_adapter",
+    "save_merged",
+    "set_base_deltas",
 ]
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
@@ -72,12 +76,18 @@ def resolve_model_path(name: str) -> str:
 
 @dataclass
 class ModelBundle:
-    """A peft-wrapped classifier, its tokenizer and the names of the exchanged parameters."""
+    """A peft-wrapped classifier, its tokenizer and the names of the exchanged parameters.
+
+    `base_layers` are the frozen linear layers under each LoRA layer (fedlora layer name → layer);
+    `pristine` holds the original weight W0 of those whose weight currently carries a change.
+    """
 
     model: torch.nn.Module
     tokenizer: object
     params: dict[str, torch.nn.Parameter]
     model_path: str
+    base_layers: dict[str, torch.nn.Linear] = field(default_factory=dict)
+    pristine: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | None = None) -> ModelBundle:
@@ -108,7 +118,10 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
     params = adapter_params(model, head=cfg.head == "trainable")
     for p in model.parameters():
         p.requires_grad_(False)
-    return ModelBundle(model, tokenizer, params, path)
+    base_layers = {name.removeprefix("base_model.model."): module.base_layer
+                   for name, module in model.named_modules()
+                   if hasattr(module, "lora_A") and isinstance(getattr(module, "base_layer", None), torch.nn.Linear)}
+    return ModelBundle(model, tokenizer, params, path, base_layers)
 
 
 def _wrap(cfg: RunConfig, base: torch.nn.Module, head_modules: list[str]) -> torch.nn.Module:
@@ -154,8 +167,8 @@ def check_model(cfg: RunConfig) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and cfg.max_length > limit:
         raise ConfigError(f"max-length={cfg.max_length} exceeds the model's {limit} positions")
-    with torch.device("meta"):
-        _wrap(cfg, AutoModelForSequenceClassification.from_config(config), [])
+    with torch.device("meta"):  # at the largest rank any client will use
+        _wrap(cfg.replace(lora_rank=cfg.max_rank), AutoModelForSequenceClassification.from_config(config), [])
 
 
 def adapter_params(model: torch.nn.Module, *, head: bool) -> dict[str, torch.nn.Parameter]:
@@ -181,11 +194,73 @@ def global_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_state(bundle: ModelBundle, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy `state` into the model; every key must exist and match its parameter's shape."""
+    """Copy `state` into the model; every key must exist and match its parameter's shape.
+
+    The base weights become W0 plus the changes `state` carries (see `set_base_deltas`).
+    """
+    set_base_deltas(bundle, {k: v for k, v in state.items() if is_delta_key(k)})
     for key, value in state.items():
+        if is_delta_key(key):
+            continue
         param = bundle.params.get(key)
         if param is None:
             raise KeyError(f"received array {key!r} that this model does not have")
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"array {key!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
         param.copy_(value.to(param.device, param.dtype))
+
+
+@torch.no_grad()
+def set_base_deltas(bundle: ModelBundle, deltas: Mapping[str, torch.Tensor]) -> None:
+    """Base weight of each LoRA layer := W0 + the change in `deltas` (factored U·V or dense), and
+    W0 for layers that `deltas` does not mention. W0 itself is kept, so nothing accumulates: each
+    message says the whole change (FedEx-LoRA, FLoRA), and a model reused by many virtual clients
+    and rounds stays pristine underneath."""
+    u_sfx, v_sfx, dense_sfx = DELTA_SUFFIXES
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in deltas.items():
+        suffix = next(s for s in DELTA_SUFFIXES if key.endswith(s))
+        by_layer.setdefault(key[: -len(suffix)], {})[suffix] = value
+    unknown = sorted(set(by_layer) - set(bundle.base_layers))
+    if unknown:
+        raise KeyError(f"received base-weight changes for {unknown[:3]}, which are not LoRA layers of this model")
+    for layer, linear in bundle.base_layers.items():
+        parts = by_layer.get(layer)
+        if parts is None:
+            if layer in bundle.pristine:
+                linear.weight.copy_(bundle.pristine.pop(layer))
+            continue
+        w0 = bundle.pristine.setdefault(layer, linear.weight.detach().clone())
+        if dense_sfx in parts:
+            change = parts[dense_sfx].to(w0.device, torch.float64)
+        elif u_sfx in parts and v_sfx in parts:
+            change = parts[u_sfx].to(w0.device, torch.float64) @ parts[v_sfx].to(w0.device, torch.float64)
+        else:
+            raise KeyError(f"{layer}: a factored base-weight change needs both {u_sfx} and {v_sfx}")
+        if change.shape != w0.shape:
+            raise ValueError(f"{layer}: base-weight change of shape {tuple(change.shape)}, expected {tuple(w0.shape)}")
+        linear.weight.copy_((w0.to(torch.float64) + change).to(w0.dtype))
+
+
+def save_adapter(bundle: ModelBundle, path: str | os.PathLike, run_config: Mapping[str, object]) -> None:
+    """The peft adapter (LoRA and head) with the tokenizer, the labels and the run config that made it:
+    `PeftModel.from_pretrained(base, path)` rebuilds the model (plus any base-weight change: see
+    `save_merged`)."""
+    path = Path(path)
+    bundle.model.save_pretrained(path)
+    bundle.tokenizer.save_pretrained(path)
+    id2label = {str(k): v for k, v in bundle.model.config.id2label.items()}
+    (path / "id2label.json").write_text(json.dumps(id2label, indent=2) + "\n")
+    (path / "fedlora_config.json").write_text(
+        json.dumps({**run_config, "base-model-path": bundle.model_path}, indent=2) + "\n")
+
+
+def save_merged(bundle: ModelBundle, path: str | os.PathLike) -> None:
+    """Write the full model with LoRA (and the current base-weight changes) merged in, loadable with
+    `AutoModelForSequenceClassification.from_pretrained(path)`; the tokenizer is saved with it.
+
+    peft's merge happens in place: the bundle's model is plain (no LoRA) afterwards.
+    """
+    merged = bundle.model.merge_and_unload()
+    merged.save_pretrained(path)
+    bundle.tokenizer.save_pretrained(path)

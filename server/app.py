@@ -12,16 +12,15 @@ from datetime import datetime, timezone
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.logger import log
-from flwr.serverapp import Grid, ServerApp
-
-from fedlora.core.config import RunConfig
+from fedlora.core.config import RunConfig, check_ranks
 from fedlora.core.data import load_text_data, split_test
 from fedlora.core.model import build_model, global_state, load_state, pick_device
 from fedlora.core.train import evaluate
 from fedlora.strategies import get_method
 from fedlora.strategies.flower import LoraStrategy, from_record, payload_bytes, to_record
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
 
 from .outputs import RunOutputs
 
@@ -30,14 +29,15 @@ __all__ = ["app", "discover_partitions"]
 app = ServerApp()
 
 
-def discover_partitions(grid: Grid, timeout: float, poll: float = 1.0) -> dict[int, int]:
-    """partition-id → node id of every client, asked once with a QUERY message.
+def discover_partitions(grid: Grid, timeout: float, poll: float = 1.0) -> tuple[dict[int, int], dict[int, int]]:
+    """partition-id → node id, and partition-id → LoRA rank, of every client (one QUERY message each).
 
     Waits (up to `timeout` seconds) until as many nodes are connected as they report partitions,
     so that a deployment whose SuperNodes are still joining does not start short-handed.
     """
     deadline = time.monotonic() + timeout
     known: dict[int, int] = {}  # node id -> partition id
+    ranks: dict[int, int] = {}  # partition id -> LoRA rank
     expected = None
     while True:
         new = [n for n in grid.get_node_ids() if n not in known]
@@ -50,6 +50,7 @@ def discover_partitions(grid: Grid, timeout: float, poll: float = 1.0) -> dict[i
                                        f"partition: {reply.error.reason}")
                 m = reply.content["metrics"]
                 known[reply.metadata.src_node_id] = int(m["partition-id"])
+                ranks[int(m["partition-id"])] = int(m["lora-rank"])
                 if expected is None:
                     expected = int(m["num-partitions"])
                 elif expected != int(m["num-partitions"]):
@@ -58,7 +59,7 @@ def discover_partitions(grid: Grid, timeout: float, poll: float = 1.0) -> dict[i
         if len(pids) != len(set(pids)):
             raise RuntimeError(f"two nodes hold the same partition-id: {pids}")
         if expected is not None and len(pids) >= expected:
-            return {pid: node for node, pid in known.items()}
+            return {pid: node for node, pid in known.items()}, ranks
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(pids)} of {expected or '?'} clients connected within {timeout:.0f} s")
         time.sleep(poll)
@@ -72,15 +73,20 @@ def main(grid: Grid, context: Context) -> None:
     outputs = RunOutputs(out_dir, cfg)
     log(INFO, "fedlora: %s, %d rounds, outputs in %s", cfg.strategy, cfg.num_server_rounds, out_dir)
 
+    partitions, ranks = discover_partitions(grid, timeout=cfg.round_timeout)
+    cfg.check_federation(len(partitions))
+    check_ranks(cfg.strategy, list(ranks.values()))  # node configs may set ranks of their own
+    method = get_method(cfg.strategy, cfg.to_run_config())
+
     data = load_text_data(cfg)
     test = split_test(cfg)
-    bundle = build_model(cfg, len(data.label_names), dict(enumerate(data.label_names)))
+    # The global adapter has the largest rank in use; each client gets its share (FlexLoRA, FLoRA).
+    bundle = build_model(cfg.replace(lora_rank=max(ranks.values())), len(data.label_names),
+                         dict(enumerate(data.label_names)))
     bundle.model.to(pick_device())
     state = global_state(bundle)
 
-    partitions = discover_partitions(grid, timeout=cfg.round_timeout)
-    cfg.check_federation(len(partitions))
-    strategy = LoraStrategy(get_method(cfg.strategy, cfg.to_run_config()), partitions=partitions,
+    strategy = LoraStrategy(method, partitions=partitions, ranks=ranks,
                             clients_per_round=cfg.clients_per_round, seed=cfg.seed,
                             evaluate_clients=cfg.evaluate_on in ("clients", "both"))
     strategy.summary()
@@ -106,16 +112,32 @@ def main(grid: Grid, context: Context) -> None:
                                         timeout=cfg.round_timeout)
         arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         row = {"round": rnd, "strategy": cfg.strategy, **dict(train_metrics)}
-        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+        eval_cfg = {"final": rnd == cfg.num_server_rounds}
+        if method.personalized and eval_cfg["final"]:  # each client writes its own adapter
+            eval_cfg["export-dir"] = str(out_dir / "adapters")
+        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(eval_cfg), grid))
         row["bytes_down"] += sum(payload_bytes(from_record(m.content["arrays"])) for m in eval_msgs)
         if eval_msgs:
-            client_metrics = strategy.aggregate_evaluate(
-                rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
-            row.update(dict(client_metrics or {}))
+            client_metrics = dict(strategy.aggregate_evaluate(
+                rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout)) or {})
+            row.update(_personalized_names(client_metrics) if method.personalized else client_metrics)
         load_state(bundle, from_record(arrays))
         row.update(server_eval())
         row["seconds"] = time.perf_counter() - t0
         outputs.write_round(row)
 
-    outputs.save_adapter(bundle, test, predictions)
-    log(INFO, "fedlora: done; adapter in %s", out_dir / "adapter")
+    if method.personalized:
+        outputs.plot()
+        log(INFO, "fedlora: done; each client's adapter in %s", out_dir / "adapters")
+        return
+    outputs.save_final(bundle, test, predictions, merged=method.changes_base)
+    log(INFO, "fedlora: done; adapter in %s%s", out_dir / "adapter",
+        f", merged model in {out_dir / 'merged'}" if method.changes_base else "")
+
+
+def _personalized_names(metrics: dict) -> dict:
+    """A personalised method's client metrics under the names a reader compares: `test_*` is each
+    client's own model on the global test split (averaged), `personalized_*` on its local split."""
+    names = {"global_accuracy": "test_accuracy", "global_loss": "test_loss",
+             "client_accuracy": "personalized_accuracy", "client_loss": "personalized_loss"}
+    return {names.get(k, k): v for k, v in metrics.items()}

@@ -7,6 +7,10 @@ the final test predictions and an accuracy plot.
       predictions.json      final global model on the test split: labels and predictions
       accuracy.png          test accuracy / loss per round (if matplotlib is installed)
       adapter/              PeftModel.from_pretrained(base, adapter/) gives the server's model
+                            (not for fedsa: no global model; not enough for fedex/flora: see merged/)
+      merged/               fedex, flora: AutoModelForSequenceClassification.from_pretrained(merged/)
+                            gives the server's model, base-weight changes included
+      adapters/<partition>/ fedsa: each client's own adapter (Ā with its B), written by the client
 """
 
 from __future__ import annotations
@@ -16,12 +20,11 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.common.logger import log
-
 from fedlora.core.config import RunConfig
 from fedlora.core.data import TextData
-from fedlora.core.model import ModelBundle
+from fedlora.core.model import ModelBundle, save_adapter, save_merged
 from fedlora.core.train import evaluate
+from flwr.common.logger import log
 
 __all__ = ["RunOutputs"]
 
@@ -55,25 +58,25 @@ class RunOutputs:
         parts.append(f"{row['seconds']:.1f} s")
         log(INFO, "fedlora: %s", " | ".join(parts))
 
-    def save_adapter(self, bundle: ModelBundle, test: TextData, predictions: np.ndarray | None) -> None:
-        """The global adapter (with head), tokenizer, labels and config; predictions; plot.
+    def save_final(self, bundle: ModelBundle, test: TextData, predictions: np.ndarray | None, *,
+                   merged: bool) -> None:
+        """The global adapter (with head), tokenizer, labels and config; predictions; plot; and,
+        with `merged`, the full model with everything merged into its weights (last: the merge
+        happens in place).
 
         `predictions` are the final global model's on `test` when the server already has them.
         """
-        adapter = self.dir / "adapter"
-        bundle.model.save_pretrained(adapter)
-        bundle.tokenizer.save_pretrained(adapter)
-        id2label = {str(k): v for k, v in bundle.model.config.id2label.items()}
-        (adapter / "id2label.json").write_text(json.dumps(id2label, indent=2) + "\n")
-        (adapter / "fedlora_config.json").write_text(
-            json.dumps({**self.cfg.to_run_config(), "base-model-path": bundle.model_path}, indent=2) + "\n")
+        save_adapter(bundle, self.dir / "adapter", self.cfg.to_run_config())
         if predictions is None:
             predictions = evaluate(bundle, test, self.cfg)["predictions"]
         (self.dir / "predictions.json").write_text(json.dumps(
             {"labels": test.labels.tolist(), "predictions": predictions.tolist()}))
-        self._plot()
+        self.plot()
+        if merged:
+            save_merged(bundle, self.dir / "merged")
 
-    def _plot(self) -> None:
+    def plot(self) -> None:
+        """accuracy.png from the rows so far (if matplotlib is installed)."""
         try:
             import matplotlib
 

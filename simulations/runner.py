@@ -21,10 +21,11 @@ import tempfile
 import time
 import tomllib
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fedlora.core.config import ConfigError, RunConfig
 
@@ -107,7 +108,9 @@ def private_superlink(log_path: Path) -> Iterator[dict[str, str]]:
            "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "TOKENIZERS_PARALLELISM": "false",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+           # the SuperLink starts `flower-superexec` from PATH: the one next to this Python
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{_CONNECTION}"\n\n[superlink.{_CONNECTION}]\n'
         f'address = "127.0.0.1:{http_port}"\ninsecure = true\n')

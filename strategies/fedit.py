@@ -7,7 +7,7 @@ Inexact: B̄Ā ≠ Σ p_k B_k A_k in general. Linear, so it can run under secure
 
 from __future__ import annotations
 
-from .base import LoraMethod
+from .base import AB_DEFAULTS, LoraMethod
 
 __all__ = ["FedIT"]
 
@@ -16,3 +16,6 @@ class FedIT(LoraMethod):
     name = "fedit"
     paper = "Zhang et al., ICASSP 2024, arXiv:2305.05644"
     trains_a = True  # and the base class averages A and B
+    exact = False
+    linear = True
+    defaults = AB_DEFAULTS

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import A_SUFFIX, B_SUFFIX, LoraMethod, State, layer_names
+from .base import A_SUFFIX, B_ONLY_DEFAULTS, B_SUFFIX, LoraMethod, State, layer_names
+from .lowrank import product_svd
 
 __all__ = ["FedSVD", "refactorize"]
 
@@ -39,11 +40,8 @@ def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if r > min(m, n):
         raise ValueError(f"rank {r} exceeds the layer size {m}×{n}")
     dtype = B.dtype
-    q_a, r_a_mat = torch.linalg.qr(A.to(torch.float64).T)  # n×r, r×r
-    q_b, r_b_mat = torch.linalg.qr(B.to(torch.float64))  # m×r, r×r
-    u_c, s, vh_c = torch.linalg.svd(r_b_mat @ r_a_mat.T)  # r×r core
-    new_a = vh_c @ q_a.T  # r×n, orthonormal rows
-    new_b = (q_b @ u_c) * s  # m×r, = U Σ
+    u, s, new_a = product_svd(B, A)  # new A: r×n, orthonormal rows
+    new_b = u * s  # m×r, = U Σ
     pivot = new_a.abs().argmax(dim=1)
     sign = torch.sign(new_a.gather(1, pivot[:, None])).squeeze(1)
     return (new_b * sign).to(dtype), (new_a * sign[:, None]).to(A.dtype)
@@ -53,6 +51,9 @@ class FedSVD(LoraMethod):
     name = "fedsvd"
     paper = "Lee et al., NeurIPS 2025, arXiv:2505.12805"
     trains_a = False
+    exact = True  # B̄A is exact (A is shared) and the re-factorisation preserves it
+    linear = True  # the server needs only Σ p_k B_k; the SVD is post-processing
+    defaults = B_ONLY_DEFAULTS
 
     def aggregate(self, state: State, updates: Sequence[State], weights: torch.Tensor) -> State:
         new = super().aggregate(state, updates, weights)  # B̄ = Σ p_k B_k, A kept

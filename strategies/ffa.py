@@ -7,7 +7,7 @@ it to a client only the first time that client is sampled (the client caches it)
 
 from __future__ import annotations
 
-from .base import A_SUFFIX, LoraMethod, State
+from .base import A_SUFFIX, B_ONLY_DEFAULTS, LoraMethod
 
 __all__ = ["FFALoRA"]
 
@@ -16,8 +16,7 @@ class FFALoRA(LoraMethod):
     name = "ffa"
     paper = "Sun et al., ICLR 2024, arXiv:2403.12313"
     trains_a = False
-
-    def downlink(self, state: State, *, first_contact: bool) -> State:
-        if first_contact:
-            return dict(state)
-        return {k: v for k, v in state.items() if not k.endswith(A_SUFFIX)}
+    exact = True
+    linear = True
+    defaults = B_ONLY_DEFAULTS
+    sent_once = A_SUFFIX  # A never changes: the client keeps the copy it got on first contact

@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from .base import LoraMethod, State, normalized_weights
+from .base import ClientSpec, LoraMethod, State, lora_rank, normalized_weights
 
 __all__ = ["LoraStrategy", "from_record", "payload_bytes", "to_record"]
 
@@ -47,16 +47,20 @@ class LoraStrategy(Strategy):
         The pure aggregation method (see `fedlora.strategies`).
     partitions : Mapping[int, int]
         partition-id → Flower node id of every connected client.
+    ranks : Mapping[int, int] | None
+        partition-id → the client's LoRA rank (default: the global state's rank for all).
     clients_per_round : int
         Clients sampled for training (and for client-side evaluation) each round.
     seed : int
         Seeds client sampling: round t samples with a generator seeded by (seed, t).
     evaluate_clients : bool (default: False)
-        Ask sampled clients to evaluate the global model on their local test split.
+        Ask sampled clients to evaluate the global model on their local test split. A personalised
+        method (FedSA) always evaluates on clients: those that trained in the round, and every
+        client that ever trained when the config says `final` (they also export their adapter).
     """
 
     def __init__(self, method: LoraMethod, *, partitions: Mapping[int, int], clients_per_round: int,
-                 seed: int, evaluate_clients: bool = False) -> None:
+                 seed: int, evaluate_clients: bool = False, ranks: Mapping[int, int] | None = None) -> None:
         if clients_per_round > len(partitions):
             raise ValueError(f"clients-per-round={clients_per_round} is larger than the "
                              f"{len(partitions)} connected clients")
@@ -65,9 +69,12 @@ class LoraStrategy(Strategy):
         self._pid_of_node = {node: pid for pid, node in self.partitions.items()}
         self.clients_per_round = clients_per_round
         self.seed = seed
-        self.evaluate_clients = evaluate_clients
+        self.evaluate_clients = evaluate_clients or method.personalized
+        self.ranks = dict(ranks or {})
         self.contacted: set[int] = set()  # partitions that have received the full state once
+        self.trained: list[int] = []  # partitions whose update was aggregated in the last round
         self._state: State = {}
+        self._sent: dict[int, State] = {}  # what each client of the current round was sent
         self._bytes_down = 0
 
     def sample(self, server_round: int, stream: int = 0) -> list[int]:
@@ -79,34 +86,43 @@ class LoraStrategy(Strategy):
     def _message(self, pid: int, content: RecordDict, kind: str) -> Message:
         return Message(content, message_type=kind, dst_node_id=self.partitions[pid])
 
+    def _client(self, pid: int, *, first_contact: bool) -> ClientSpec:
+        return ClientSpec(pid, self.ranks.get(pid, lora_rank(self._state)), first_contact)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled partition, carrying only what its method sends down."""
         self._state = from_record(arrays)
         self._bytes_down = 0
+        self._sent = {}
         messages = []
         for pid in self.sample(server_round):
-            payload = self.method.downlink(self._state, first_contact=pid not in self.contacted)
+            payload = self.method.downlink(self._state, self._client(pid, first_contact=pid not in self.contacted))
+            self._sent[pid] = payload
             self._bytes_down += payload_bytes(payload)
             cfg = ConfigRecord({**dict(config), "server-round": server_round})
             messages.append(self._message(pid, RecordDict({"arrays": to_record(payload), "config": cfg}),
                                           MessageType.TRAIN))
         return messages
 
-    def _valid_updates(self, replies: Iterable[Message]) -> tuple[list[tuple[int, State, int, float]], list[str]]:
-        expected = self.method.uplink_keys(self._state)
+    def _valid_updates(self, replies: Iterable[Message]) -> tuple[list[tuple[int, State, int, float | None]], list[str]]:
         ok, rejected = [], []
         for reply in replies:
             pid = self._pid_of_node.get(reply.metadata.src_node_id, -1)
             if reply.has_error():
                 rejected.append(f"client {pid}: error {reply.error.reason}")
                 continue
+            if pid not in self._sent:
+                rejected.append(f"client {pid}: answered although it was not sampled")
+                continue
+            sent = self._sent[pid]
+            expected = self.method.uplink_keys(sent)
             update = from_record(reply.content["arrays"])
             metrics = reply.content["metrics"]
             problem = None
-            if sorted(update) != expected:
+            if sorted(update) != sorted(expected):
                 problem = f"sent keys {sorted(set(update) ^ set(expected))[:4]} out of line with {self.method.name}"
-            elif any(update[k].shape != self._state[k].shape for k in expected):
+            elif any(update[k].shape != sent[k].shape for k in expected):
                 problem = "sent arrays of the wrong shape"
             elif not all(bool(torch.isfinite(update[k]).all()) for k in expected):
                 problem = "sent non-finite values"
@@ -115,10 +131,11 @@ class LoraStrategy(Strategy):
             if problem:
                 rejected.append(f"client {pid}: {problem}")
                 continue
-            ok.append((pid, update, int(metrics["num-examples"]), float(metrics["train-loss"])))
+            ok.append((pid, update, int(metrics["num-examples"]), metrics.get("train-loss")))
         ok.sort(key=lambda item: item[0])  # a fixed order makes the float sums reproducible
         # Only a client that answered has surely received what was sent on first contact.
         self.contacted.update(pid for pid, *_ in ok)
+        self.trained = [pid for pid, *_ in ok]
         return ok, rejected
 
     def aggregate_train(self, server_round: int,
@@ -131,8 +148,11 @@ class LoraStrategy(Strategy):
             raise RuntimeError(f"round {server_round}: no usable client reply ({'; '.join(rejected) or 'none arrived'})")
         weights = normalized_weights([n for _, _, n, _ in ok])
         self._state = self.method.aggregate(self._state, [u for _, u, _, _ in ok], weights)
+        losses = [loss for *_, loss in ok]
         metrics = MetricRecord({
-            "train_loss": float(sum(w * loss for w, (_, _, _, loss) in zip(weights.tolist(), ok))),
+            # absent when clients keep their loss to themselves (DP: it is computed from private records)
+            **({"train_loss": float(sum(w * float(x) for w, x in zip(weights.tolist(), losses)))}
+               if None not in losses else {}),
             "num_clients": len(ok),
             "num_rejected": len(rejected),
             "bytes_up": sum(payload_bytes(u) for _, u, _, _ in ok),
@@ -143,24 +163,40 @@ class LoraStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Client-side evaluation on local test splits, if enabled (full state to each client)."""
+        """Client-side evaluation, if enabled: each client gets the global state at its rank.
+
+        A personalised method evaluates the clients that trained this round (their own B is
+        fresh), and every client that ever trained when `config["final"]` is set.
+        """
         if not self.evaluate_clients:
             return []
+        self._state = from_record(arrays)
+        if self.method.personalized:
+            pids = sorted(self.contacted) if config.get("final", False) else self.trained
+        else:
+            pids = self.sample(server_round, stream=1)
         cfg = ConfigRecord({**dict(config), "server-round": server_round})
-        return [self._message(pid, RecordDict({"arrays": arrays, "config": cfg}), MessageType.EVALUATE)
-                for pid in self.sample(server_round, stream=1)]
+        return [self._message(pid, RecordDict({
+            "arrays": to_record(self.method.downlink(self._state, self._client(pid, first_contact=False))),
+            "config": cfg}), MessageType.EVALUATE) for pid in pids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of the clients' local accuracy and loss."""
+        """Example-weighted means of the clients' accuracy and loss.
+
+        `client_*` on their local test splits; for a personalised method also `global_*`: each
+        client's own model on the global test split, a plain mean over clients (same split).
+        """
         rows = [r.content["metrics"] for r in replies if not r.has_error()]
         rows = [m for m in rows if int(m["num-examples"]) > 0]
         if not rows:
             return None
         n = np.array([int(m["num-examples"]) for m in rows], dtype=np.float64)
-        acc = np.array([float(m["accuracy"]) for m in rows])
-        loss = np.array([float(m["loss"]) for m in rows])
-        return MetricRecord({"client_accuracy": float(n @ acc / n.sum()),
-                             "client_loss": float(n @ loss / n.sum()), "client_evaluated": len(rows)})
+        out = {"client_evaluated": len(rows)}
+        for key in ("accuracy", "loss"):
+            out[f"client_{key}"] = float(n @ np.array([float(m[key]) for m in rows]) / n.sum())
+            if all(f"global-{key}" in m for m in rows):
+                out[f"global_{key}"] = float(np.mean([float(m[f"global-{key}"]) for m in rows]))
+        return MetricRecord(out)
 
     def summary(self) -> None:
         log(INFO, "\t├── method: %s (%s); clients train %s", self.method.name, self.method.paper,
@@ -169,8 +205,9 @@ class LoraStrategy(Strategy):
             len(self.partitions), self.seed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method.state_dict(), "contacted": sorted(self.contacted)}
+        return {"method": self.method.state_dict(), "contacted": sorted(self.contacted), "trained": self.trained}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
         self.contacted = set(state["contacted"])
+        self.trained = list(state["trained"])

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import A_SUFFIX, B_SUFFIX, LoraMethod, State, layer_names
+from .base import AB_DEFAULTS, B_SUFFIX, LoraMethod, State, layer_names, stacked_factors
 
 __all__ = ["FairProblem", "LoRAFAIR", "fair_correction"]
 
@@ -50,12 +50,12 @@ class FairProblem:
     dw_norm: float  # ‖ΔW‖_F
 
     @classmethod
-    def build(cls, bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], weights: torch.Tensor) -> "FairProblem":
-        w = weights.to(torch.float64)
-        b_st = torch.cat([p * b.to(torch.float64) for p, b in zip(w, bs)], dim=1)  # m×Kr
-        a_st = torch.cat([a.to(torch.float64) for a in as_], dim=0)  # Kr×n
-        b_bar = sum(p * b.to(torch.float64) for p, b in zip(w, bs))
-        a_bar = sum(p * a.to(torch.float64) for p, a in zip(w, as_))
+    def build(cls, updates: Sequence[State], layer: str, weights: torch.Tensor) -> FairProblem:
+        """The problem of `layer` from the clients' (A_k, B_k) and weights p_k."""
+        b_st, a_st = stacked_factors(updates, weights, layer, alpha=None)  # m×Kr, Kr×n; s cancels
+        r = a_st.shape[0] // len(updates)
+        b_bar = sum(b_st[:, k * r : (k + 1) * r] for k in range(len(updates)))
+        a_bar = sum(p * a_st[k * r : (k + 1) * r] for k, p in enumerate(weights.tolist()))
         dw_sq = torch.trace((b_st.T @ b_st) @ (a_st @ a_st.T))
         return cls(b_bar, a_bar @ a_bar.T, b_st @ (a_st @ a_bar.T), float(dw_sq.clamp_min(0).sqrt()))
 
@@ -112,6 +112,8 @@ class LoRAFAIR(LoraMethod):
     name = "lorafair"
     paper = "Bian et al., ICCV 2025, arXiv:2411.14961"
     trains_a = True
+    exact = False  # the best B with Ā fixed: still approximate
+    defaults = AB_DEFAULTS
     options = {"lam": "fair-lambda", "steps": "fair-steps", "lr": "fair-lr"}
 
     def __init__(self, lam: float = 0.01, steps: int = 500, lr: float = 0.05) -> None:
@@ -122,8 +124,7 @@ class LoRAFAIR(LoraMethod):
         new = super().aggregate(state, updates, weights)  # FedIT: Ā, B̄ (and the head)
         before, after = [], []
         for layer in layer_names(new):
-            problem = FairProblem.build([u[layer + B_SUFFIX] for u in updates],
-                                        [u[layer + A_SUFFIX] for u in updates], weights)
+            problem = FairProblem.build(updates, layer, weights)
             delta = fair_correction(problem, self.lam, self.steps, self.lr)
             before.append(problem.cosine(problem.b_bar))
             after.append(problem.cosine(problem.b_bar + delta))

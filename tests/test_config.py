@@ -5,6 +5,7 @@ started)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import tomllib
@@ -12,17 +13,49 @@ import tomllib
 import pytest
 
 from conftest import REPO, fedlora_run
-from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.config import AUTO, ConfigError, RunConfig
 from fedlora.simulations.runner import preflight, resolve_config
 
 
 def test_pyproject_declares_every_key_with_the_dataclass_default():
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == RunConfig().to_run_config()
+    defaults = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)}
+    assert declared == {k: AUTO if v is None else v for k, v in defaults.items()}
+    assert RunConfig.from_run_config(declared) == RunConfig()
+
+
+@pytest.mark.parametrize("strategy, lr, evaluate_on", [
+    ("fedsvd", 1.0, "server"), ("ffa", 1.0, "server"), ("fedit", 0.3, "server"), ("lorafair", 0.3, "server"),
+    ("fedex", 0.3, "server"), ("flora", 0.3, "server"), ("flexlora", 0.3, "server"), ("fedsa", 0.3, "clients"),
+])
+def test_auto_values_come_from_the_strategy_and_explicit_ones_win(strategy, lr, evaluate_on):
+    cfg = RunConfig.from_run_config({"strategy": strategy, "learning-rate": AUTO, "evaluate-on": AUTO})
+    assert (cfg.learning_rate, cfg.evaluate_on) == (lr, evaluate_on)
+    assert RunConfig.from_run_config({"strategy": strategy, "learning-rate": 0.05}).learning_rate == 0.05
+
+
+def test_fedsa_can_only_be_evaluated_by_clients():
+    with pytest.raises(ConfigError, match="only clients can evaluate"):
+        RunConfig.from_run_config({"strategy": "fedsa", "evaluate-on": "server"})
+
+
+def test_mixed_ranks_need_a_strategy_that_aggregates_them():
+    cfg = RunConfig.from_run_config({"strategy": "flora", "lora-ranks": "4, 8,16"})
+    assert [cfg.client_rank(pid) for pid in range(5)] == [4, 8, 16, 4, 8]
+    assert cfg.max_rank == 16
+    assert RunConfig().client_rank(3) == 8  # no lora-ranks: lora-rank for everyone
+    with pytest.raises(ConfigError, match=r"strategy='fedsvd' cannot aggregate mixed LoRA ranks \[4, 8\]; "
+                                          r"use one rank, or one of \['flexlora', 'flora'\]"):
+        RunConfig.from_run_config({"strategy": "fedsvd", "lora-ranks": "4,8"})
+    assert RunConfig.from_run_config({"strategy": "fedsvd", "lora-ranks": "4,4"}).client_rank(1) == 4
+    for bad, message in (("4,x", "must be comma-separated integers"), ("4,0", "every rank must be > 0")):
+        with pytest.raises(ConfigError, match=message):
+            RunConfig.from_run_config({"strategy": "flora", "lora-ranks": bad})
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"strategy": "fedavgx"}, "strategy='fedavgx' is not allowed; choose one of ['fedit', 'fedsvd', 'ffa', 'lorafair']"),
+    ({"strategy": "fedavgx"}, "strategy='fedavgx' is not allowed; choose one of ['fedex', 'fedit', 'fedsa', "
+                              "'fedsvd', 'ffa', 'flexlora', 'flora', 'lorafair']"),
     ({"partitioner": "zipf"}, "choose one of ['iid', 'dirichlet', 'pathological']"),
     ({"lora-rank": 0}, "lora-rank=0 must be > 0"),
     ({"lora-rank": -4}, "lora-rank=-4 must be > 0"),

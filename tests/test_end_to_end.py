@@ -120,6 +120,76 @@ def test_strategy_end_to_end(strategy, tiny_overrides, tmp_path):
     assert _adapter_predictions(out, cfg) == saved
 
 
+def _merged_predictions(out_dir, cfg):
+    """Predict the server's test split with the merged model, loaded with plain transformers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora.core.data import split_test
+    from fedlora.core.model import ModelBundle
+    from fedlora.core.train import evaluate
+
+    model = AutoModelForSequenceClassification.from_pretrained(out_dir / "merged")
+    bundle = ModelBundle(model, AutoTokenizer.from_pretrained(out_dir / "merged"), {}, str(out_dir / "merged"))
+    return model, evaluate(bundle, split_test(cfg), cfg)["predictions"].tolist()
+
+
+@pytest.mark.parametrize("strategy, ranks", [("fedex", ""), ("flora", "2,4,8")])
+def test_strategies_that_change_the_base_export_a_merged_model(strategy, ranks, tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    overrides = _run_ok({**tiny_overrides, "strategy": strategy, "lora-ranks": ranks, "output-dir": str(out)})
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["num_clients"] == 3 for r in rows[1:])
+    cfg, _ = _init_state(overrides)
+    merged, predictions = _merged_predictions(out, cfg)
+    assert predictions == json.loads((out / "predictions.json").read_text())["predictions"]
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(merged.state_dict()[query], base.state_dict()[query])
+    if strategy == "flora":  # adapters start afresh each round: the global B is zero
+        adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert all(float(v.abs().max()) == 0 for k, v in adapter.items() if "lora_B" in k)
+        assert all(v.shape[0] == 8 for k, v in adapter.items() if "lora_A" in k)  # the largest rank
+
+
+def test_flexlora_with_mixed_ranks(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    overrides = _run_ok({**tiny_overrides, "strategy": "flexlora", "lora-ranks": "2,4", "output-dir": str(out)})
+    cfg, init = _init_state(overrides)
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_a = [v for k, v in sorted(adapter.items()) if "lora_A" in k]
+    assert all(a.shape[0] == 4 for a in lora_a)  # the global model has the largest rank
+    for a in lora_a:  # FlexLoRA's A is the right singular vectors: orthonormal rows
+        torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+    saved = json.loads((out / "predictions.json").read_text())["predictions"]
+    assert _adapter_predictions(out, cfg.replace(lora_rank=4)) == saved
+
+
+def test_fedsa_keeps_each_clients_b_and_exports_its_adapter(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    overrides = _run_ok({**tiny_overrides, "strategy": "fedsa", "evaluate-on": "auto", "output-dir": str(out)})
+    rows = _rows(out)
+    for row in rows[1:]:
+        assert {"test_accuracy", "personalized_accuracy", "test_loss", "personalized_loss"} <= set(row), row
+    assert not (out / "adapter").exists()  # no global model to export
+    cfg, init = _init_state(overrides)
+    exported = sorted(p.name for p in (out / "adapters").iterdir())
+    assert exported == ["0", "1", "2"]
+    b_of = []
+    for pid in exported:
+        adapter = {k.replace("base_model.model.", ""): v
+                   for k, v in load_file(out / "adapters" / pid / "adapter_model.safetensors").items()}
+        b_of.append([v for k, v in sorted(adapter.items()) if "lora_B" in k])
+        assert all(float(b.abs().max()) > 0 for b in b_of[-1]), "a client's B never trained"
+        a = [v for k, v in sorted(adapter.items()) if "lora_A" in k]
+        if len(b_of) > 1:  # one shared A, personal B
+            assert all(torch.equal(x, y) for x, y in zip(a, a_prev))
+            assert not all(torch.equal(x, y) for x, y in zip(b_of[-1], b_of[0]))
+        a_prev = a
+
+
 def test_same_seed_same_adapter(tiny_overrides, tmp_path):
     runs = []
     for name in ("a", "b"):

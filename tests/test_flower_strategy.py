@@ -94,3 +94,56 @@ def test_state_dict_round_trip():
     clone = _strategy()
     clone.load_state_dict(strategy.state_dict())
     assert clone.contacted == {1, 4}
+
+
+def _big_state(rank: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"l.lora_A": torch.randn(rank, 6, generator=g), "l.lora_B": torch.randn(5, rank, generator=g),
+            "head.w": torch.randn(3, 4, generator=g)}
+
+
+def test_mixed_ranks_go_down_and_are_checked_at_each_clients_rank():
+    ranks = {pid: (2, 4)[pid % 2] for pid in PARTITIONS}
+    strategy = LoraStrategy(get_method("flexlora"), partitions=PARTITIONS, clients_per_round=4, seed=7,
+                            ranks=ranks)
+    msgs = list(strategy.configure_train(1, to_record(_big_state()), ConfigRecord(), None))
+    pid_of = {node: pid for pid, node in PARTITIONS.items()}
+    replies = []
+    for m in msgs:
+        sent = from_record(m.content["arrays"])
+        r = ranks[pid_of[m.metadata.dst_node_id]]
+        assert sent["l.lora_A"].shape == (r, 6) and sent["l.lora_B"].shape == (5, r)
+        replies.append(_reply(m, {k: v + 1 for k, v in sent.items()}))
+    wrong = {k: v + 1 for k, v in from_record(msgs[0].content["arrays"]).items()}
+    wrong["l.lora_A"] = torch.zeros(3, 6)  # a rank this client does not have
+    arrays, metrics = strategy.aggregate_train(1, [_reply(msgs[0], wrong), *replies[1:]])
+    assert metrics["num_rejected"] == 1 and metrics["num_clients"] == len(msgs) - 1
+    assert from_record(arrays)["l.lora_A"].shape == (4, 6)  # the global adapter keeps the largest rank
+
+
+def test_fedsa_never_sends_b_after_first_contact_and_evaluates_its_trained_clients():
+    strategy = _strategy("fedsa", k=2)
+    state = _big_state()
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
+    assert all("l.lora_B" in m.content["arrays"] for m in msgs)  # first contact: B = the init
+    up = {"l.lora_A": torch.ones(4, 6), "head.w": torch.ones(3, 4)}
+    arrays, _ = strategy.aggregate_train(1, [_reply(m, up) for m in msgs])
+    torch.testing.assert_close(from_record(arrays)["l.lora_B"], state["l.lora_B"])  # B is not aggregated
+    evals = list(strategy.configure_evaluate(1, arrays, ConfigRecord({"final": False}), None))
+    assert sorted(m.metadata.dst_node_id for m in evals) == sorted(m.metadata.dst_node_id for m in msgs)
+    assert all("l.lora_B" not in m.content["arrays"] for m in evals)
+    later = list(strategy.configure_train(2, arrays, ConfigRecord(), None))
+    trained = {m.metadata.dst_node_id for m in msgs}
+    assert all("l.lora_B" not in m.content["arrays"] for m in later if m.metadata.dst_node_id in trained)
+    final = list(strategy.configure_evaluate(2, arrays, ConfigRecord({"final": True}), None))
+    assert {m.metadata.dst_node_id for m in final} == {PARTITIONS[p] for p in strategy.contacted}
+
+
+def test_a_reply_from_a_client_that_was_not_sampled_is_dropped():
+    strategy, state = _strategy("fedit", k=2), _state()
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
+    stranger = Message(RecordDict({"config": ConfigRecord({})}), message_type="train",
+                       dst_node_id=next(n for n in PARTITIONS.values()
+                                        if n not in {m.metadata.dst_node_id for m in msgs}))
+    arrays, metrics = strategy.aggregate_train(1, [_reply(msgs[0], state), _reply(stranger, state)])
+    assert metrics["num_rejected"] == 1
