@@ -1,18 +1,35 @@
-"""Time one FedSVD server step per LoRA layer against its floor and the naive dense-SVD reference.
+"""Time and peak memory of one server step (`method.aggregate`) per LoRA layer, for every strategy.
 
-For m = n ∈ {1024, 4096}, r ∈ {8, 16}, K = 10 clients, float32 tensors, 2 CPU threads:
+For one m×n layer (m = n ∈ {1024, 4096, 8192}), ranks r ∈ {8, 16}, K ∈ {3, 10} clients of unequal
+size, float32 client tensors (the methods compute in float64 where they say so), 2 CPU threads:
 
-  floor   the weighted sum of the K client B's (`weighted_average`), which every B-only method pays;
-  fedsvd  one full `FedSVD().aggregate` on a one-layer state: weighted sum + `refactorize`;
-  naive   weighted sum + dense `torch.linalg.svd(B̄ @ A, full_matrices=False)` of the m×n product,
-          truncated to r, as the official FedSVD code does.
+  steps     one `aggregate` of every strategy in `available_strategies()` on a fresh method
+            (round 1: FedEx-LoRA and FLoRA start with no folded base-weight change D);
+  folded    FedEx-LoRA and FLoRA at r = 16, K = 10 once D exists: factored at the largest rank that
+            is still factored (the costliest step: the re-compression of D right before it turns
+            dense; not at 8192, where one step takes minutes) and dense;
+  fedsvd    the FedSVD step against its floor (Σ p_k B_k, which every B-only method pays) and the
+            naive dense `torch.linalg.svd` of the m×n product that the official code runs (K = 10);
+  lorafair  LoRA-FAIR's Gram-form solver against the dense one of benchmarks/lorafair.py (ΔW formed
+            as an m×n matrix, autograd), the same Adam schedule for the same 50 steps, float64.
 
-Times are medians of repeats after a warm-up. Targets (from the issue), at 4096², r = 16:
-naive / fedsvd ≥ 1000 and fedsvd − floor ≤ 2 ms.
+Every measurement runs in a fresh process (forked from a server that has imported torch) after a
+warm-up at m = 64, so that first-call costs (LAPACK set-up) are not counted. Memory: "peak extra" is
+how far the process's peak resident set (VmHWM, reset through /proc/self/clear_refs just before the
+call) rises above its resident set just before the call, over the first call at full size: what the
+step touches beyond its inputs (temporaries and outputs). torch's CPU allocator does not cache, so
+freed tensors go back to malloc; at most the few MiB malloc keeps from the warm-up can hide.
+Times are medians of repeats after that first call (which doubles as the warm-up); a call that takes
+more than 1 s runs 3 times in all, the first included, and one that takes more than 10 s only once.
+The dense references at 8192² run at r = 16, K = 10 only.
+
+Targets: FedSVD at 4096², r = 16: naive / FedSVD ≥ 1000× and FedSVD − floor ≤ 2 ms; LoRA-FAIR at
+4096², r = 16, K = 10: dense / Gram ≥ 100× and the Gram form's peak far below one m×n matrix.
 
     python benchmarks/aggregation.py [--quick] [--out benchmarks/results/aggregation.json]
 
-The markdown table goes to stdout, progress to stderr, results (with machine info) to --out.
+`--quick` runs m = n = 1024 only. The markdown tables go to stdout, progress to stderr, all numbers
+(with machine info and load averages) to --out.
 """
 
 from __future__ import annotations
@@ -21,25 +38,38 @@ import argparse
 import datetime as dt
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
+import re
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
-from fedlora.strategies import FedSVD, normalized_weights, refactorize, weighted_average
+from fedlora.strategies import available_strategies, get_method, normalized_weights, refactorize, weighted_average
 
-K = 10
+__all__ = ["cpu_model", "log", "machine_info", "time_ms"]
+
 THREADS = 2
-TARGET_SPEEDUP = 1000.0
-TARGET_OVERHEAD_MS = 2.0
-TARGET_CONFIG = (4096, 16)  # (m = n, r) the targets are stated for
+SIZES = (1024, 4096, 8192)
+RANKS = (8, 16)
+CLIENTS = (3, 10)
+BIG = 8192  # from this size on: dense references at (r, K) = FULL only, no near-switch FedEx/FLoRA step
+FULL = (16, 10)  # (r, K) of the targets and of the one-off runs
+FAIR_STEPS = 50
+ALPHA = 16.0
 LAYER = "layer"
+SLOW_MS = 1_000.0  # a first call slower than this: 3 calls in all, the first included
+VERY_SLOW_MS = 10_000.0  # slower than this: that first call is the only one
+TARGET_FEDSVD = {"m": 4096, "r": 16, "speedup": 1000.0, "overhead_ms": 2.0}
+TARGET_FAIR = {"m": 4096, "r": 16, "K": 10, "speedup": 100.0}
 
 
 def log(msg: str) -> None:
@@ -62,7 +92,7 @@ def machine_info() -> dict[str, object]:
         "cpu_model": cpu_model(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": THREADS,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -84,19 +114,95 @@ def time_ms(fn: Callable[[], object], *, warmup: int, min_repeats: int, max_repe
     return {"median_ms": statistics.median(samples), "min_ms": min(samples), "repeats": len(samples)}
 
 
-def make_inputs(m: int, n: int, r: int, seed: int = 0):
+# --------------------------------------------------------------------------------------------------
+# inputs: one layer, K clients
+
+
+def make_inputs(m: int, r: int, k: int, seed: int = 0):
+    """A one-layer global state (peft's Kaiming A, B = 0), every client's trained A_k and B_k (LoRA-sized),
+    and unequal weights p_k. float32."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.empty(r, n)
-    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)  # peft's lora_A init
-    b_clients = [torch.randn(m, r, generator=g) * 1e-2 for _ in range(K)]
-    weights = normalized_weights(torch.randint(50, 500, (K,), generator=g).tolist())
+    a = torch.empty(r, m)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
     state = {f"{LAYER}.lora_A": a, f"{LAYER}.lora_B": torch.zeros(m, r)}
-    updates = [{f"{LAYER}.lora_B": b} for b in b_clients]
-    return state, updates, weights
+    clients = [{f"{LAYER}.lora_A": a + 0.3 * torch.randn(r, m, generator=g) / math.sqrt(m),
+                f"{LAYER}.lora_B": 1e-2 * torch.randn(m, r, generator=g)} for _ in range(k)]
+    weights = normalized_weights(torch.randint(50, 500, (k,), generator=g).tolist())
+    return state, clients, weights
 
 
-def naive_step(state, updates, weights):
-    """Weighted sum, then the dense m×n product and its full thin SVD, truncated to r."""
+def uplinks(method, state, clients) -> list[dict[str, torch.Tensor]]:
+    """What each client sends under `method` (B-only methods: B alone; FedSA: A alone)."""
+    return [{key: c[key] for key in method.uplink_keys(state)} for c in clients]
+
+
+def folded_state(m: int, form: str) -> dict[str, Any]:
+    """A FedEx-LoRA / FLoRA `state_dict` whose layer already has a base-weight change D: `factored`
+    at the largest rank q that BaseDelta still keeps factored (q(m + n) < mn), or `dense`."""
+    g = torch.Generator().manual_seed(1)
+    q = (m * m - 1) // (2 * m)
+    u = torch.randn(m, q, generator=g, dtype=torch.float64) * 1e-3
+    v = torch.randn(q, m, generator=g, dtype=torch.float64)
+    delta = {"shape": (m, m), "U": u, "V": v, "dense": None}
+    if form == "dense":
+        delta = {"shape": (m, m), "U": u[:, :0], "V": v[:0], "dense": u @ v}
+    return {"deltas": {LAYER: delta}, "rounds": 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# the measured calls: each `setup` builds its inputs and returns the call to measure
+
+
+class Task(NamedTuple):
+    kind: str  # a key of SETUPS
+    m: int
+    r: int
+    k: int
+    option: str = ""  # the strategy ("step"), or "<strategy>:<form of D>" ("folded")
+
+
+def _setup_step(task: Task) -> Callable[[], object]:
+    """One `aggregate` on a fresh method (so repeats do the same work: FedEx and FLoRA keep state)."""
+    state, clients, weights = make_inputs(task.m, task.r, task.k)
+    updates = uplinks(get_method(task.option), state, clients)
+    return lambda: get_method(task.option, {"lora-alpha": ALPHA}).aggregate(state, updates, weights)
+
+
+def _setup_folded(task: Task) -> Callable[[], object]:
+    name, form = task.option.split(":")
+    state, clients, weights = make_inputs(task.m, task.r, task.k)
+    updates = uplinks(get_method(name), state, clients)
+    method = get_method(name, {"lora-alpha": ALPHA})
+    method.load_state_dict(folded_state(task.m, form))
+    if form == "dense":  # every call adds to D and D stays dense: the same work each time
+        return lambda: method.aggregate(state, updates, weights)
+
+    def step():  # the factored D turns dense in this step: each call starts again from the factored one
+        fresh = get_method(name, {"lora-alpha": ALPHA})
+        fresh.load_state_dict(folded_state(task.m, form))
+        return fresh.aggregate(state, updates, weights)
+
+    return step
+
+
+def _b_only(task: Task):
+    state, clients, weights = make_inputs(task.m, task.r, task.k)
+    return state, uplinks(get_method("fedsvd"), state, clients), weights
+
+
+def _setup_floor(task: Task) -> Callable[[], object]:
+    _, updates, weights = _b_only(task)
+    return lambda: weighted_average(updates, weights)
+
+
+def _setup_refactorize(task: Task) -> Callable[[], object]:
+    state, updates, weights = _b_only(task)
+    b_bar = weighted_average(updates, weights)[f"{LAYER}.lora_B"]
+    return lambda: refactorize(b_bar, state[f"{LAYER}.lora_A"])
+
+
+def naive_fedsvd(state, updates, weights):
+    """Weighted sum, then the dense m×n product and its full thin SVD, truncated to r (official code)."""
     b_bar = weighted_average(updates, weights)[f"{LAYER}.lora_B"]
     a = state[f"{LAYER}.lora_A"]
     r = a.shape[0]
@@ -104,87 +210,237 @@ def naive_step(state, updates, weights):
     return u[:, :r] * s[:r], vh[:r]
 
 
-def bench_config(m: int, r: int) -> dict:
-    n = m
-    state, updates, weights = make_inputs(m, n, r)
-    method = FedSVD()
-    b_bar = weighted_average(updates, weights)[f"{LAYER}.lora_B"]
-    a = state[f"{LAYER}.lora_A"]
-    fast = {"warmup": 3, "min_repeats": 20, "max_repeats": 500, "budget_s": 2.0}
+def _setup_naive(task: Task) -> Callable[[], object]:
+    state, updates, weights = _b_only(task)
+    return lambda: naive_fedsvd(state, updates, weights)
 
-    log(f"[{m}x{n} r={r}] floor ...")
-    floor = time_ms(lambda: weighted_average(updates, weights), **fast)
-    log(f"[{m}x{n} r={r}] fedsvd ...")
-    fedsvd = time_ms(lambda: method.aggregate(state, updates, weights), **fast)
-    log(f"[{m}x{n} r={r}] refactorize alone ...")
-    refac = time_ms(lambda: refactorize(b_bar, a), **fast)
 
-    # exactness check of what we time: the FedSVD step gives the naive product
-    new = method.aggregate(state, updates, weights)
-    ref_b, ref_a = naive_step(state, updates, weights)
-    prod = (ref_b.double() @ ref_a.double())
-    err = float(torch.linalg.matrix_norm(new[f"{LAYER}.lora_B"].double() @ new[f"{LAYER}.lora_A"].double() - prod)
-                / torch.linalg.matrix_norm(prod))
+def _fair_inputs(task: Task):
+    from lorafair import _inputs  # benchmarks/lorafair.py: its float64 clients, shared by both solvers
 
-    log(f"[{m}x{n} r={r}] naive dense SVD ...")
+    return _inputs(task.m, task.r, task.k)
+
+
+def _gram_solver(bs, as_, w, steps: int) -> torch.Tensor:
+    """What `lorafair` runs (Gram form), without early stopping so both solvers take `steps` steps."""
+    from lorafair import LAM, LR
+
+    from fedlora.strategies.lorafair import FairProblem, fair_correction
+
+    problem = FairProblem.build([{"l.lora_A": a, "l.lora_B": b} for b, a in zip(bs, as_)], "l", w)
+    return problem.b_bar + fair_correction(problem, LAM, steps, LR, tol=float("-inf"))
+
+
+def _setup_fair(task: Task) -> Callable[[], object]:
+    from lorafair import _dense_solver
+
+    solver = _gram_solver if task.kind == "fair-gram" else _dense_solver
+    bs, as_, w = _fair_inputs(task)
+    return lambda: solver(bs, as_, w, FAIR_STEPS)
+
+
+SETUPS: dict[str, Callable[[Task], Callable[[], object]]] = {
+    "step": _setup_step, "folded": _setup_folded, "floor": _setup_floor, "refactorize": _setup_refactorize,
+    "naive": _setup_naive, "fair-gram": _setup_fair, "fair-dense": _setup_fair,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring in a fresh process
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def first_call(fn: Callable[[], object]) -> tuple[object, float, float, str]:
+    """(result, wall ms, peak resident MiB above the resident set before the call, how it was measured)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        how = "VmHWM after /proc/self/clear_refs reset"
+    except OSError:  # no reset: the high-water mark so far stands in (can hide the step's peak)
+        how = "ru_maxrss"
+    base = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    naive_step(state, updates, weights)  # first call: warm-up if fast, a sample if slow
-    first_ms = (time.perf_counter() - t0) * 1e3
-    if first_ms < 1000:
-        naive = time_ms(lambda: naive_step(state, updates, weights), warmup=0, min_repeats=5,
-                        max_repeats=50, budget_s=5.0)
-    else:  # seconds per call: the first call is a sample too, 3 calls in all
+    out = fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    peak = _status_kib("VmHWM") if how != "ru_maxrss" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return out, ms, max(peak - base, 0) / 1024, how
+
+
+def _cosines(task: Task, b_new: torch.Tensor) -> dict[str, float]:
+    from fedlora.strategies.lorafair import FairProblem
+
+    bs, as_, w = _fair_inputs(task)
+    problem = FairProblem.build([{"l.lora_A": a, "l.lora_B": b} for b, a in zip(bs, as_)], "l", w)
+    return {"cos_before": problem.cosine(problem.b_bar), "cos_after": problem.cosine(b_new)}
+
+
+def _naive_error(task: Task) -> dict[str, float]:
+    """Relative error of FedSVD's product against the naive one (a check of what is timed)."""
+    state, updates, weights = _b_only(task)
+    new = get_method("fedsvd").aggregate(state, updates, weights)
+    ref_b, ref_a = naive_fedsvd(state, updates, weights)
+    prod = ref_b.double() @ ref_a.double()
+    got = new[f"{LAYER}.lora_B"].double() @ new[f"{LAYER}.lora_A"].double()
+    return {"relative_product_error_vs_naive": float(torch.linalg.matrix_norm(got - prod) / torch.linalg.matrix_norm(prod))}
+
+
+def _child(task: Task, queue) -> None:
+    torch.set_num_threads(THREADS)
+    SETUPS[task.kind](task._replace(m=64))()  # warm-up: LAPACK and thread-pool set-up are not the step's
+    fn = SETUPS[task.kind](task)
+    out, first_ms, peak_mib, how = first_call(fn)
+    if first_ms > SLOW_MS:
         samples = [first_ms]
-        for _ in range(2):
+        for _ in range(0 if first_ms > VERY_SLOW_MS else 2):
             t0 = time.perf_counter()
-            naive_step(state, updates, weights)
+            fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-        naive = {"median_ms": statistics.median(samples), "min_ms": min(samples), "repeats": len(samples),
-                 "note": "no separate warm-up at this size (seconds per call); first call included"}
-    log(f"[{m}x{n} r={r}] naive {naive['median_ms']:.1f} ms ({naive['repeats']} runs)")
-
-    overhead = fedsvd["median_ms"] - floor["median_ms"]
-    return {
-        "m": m, "n": n, "r": r, "K": K, "dtype": "float32",
-        "floor": floor, "fedsvd": fedsvd, "refactorize": refac, "naive": naive,
-        "speedup_naive_over_fedsvd": naive["median_ms"] / fedsvd["median_ms"],
-        "refactorization_overhead_ms": overhead,
-        "fedsvd_over_floor": fedsvd["median_ms"] / floor["median_ms"],
-        "relative_product_error_vs_naive": err,
-        "dense_product_bytes": m * n * 4,
-        "loadavg_1min_after": os.getloadavg()[0],
-    }
+        timing = {"median_ms": statistics.median(samples), "min_ms": min(samples), "repeats": len(samples)}
+    else:
+        timing = time_ms(fn, warmup=0, min_repeats=3, max_repeats=50, budget_s=1.0)
+    extra: dict[str, Any] = {}
+    if task.kind.startswith("fair"):
+        extra = _cosines(task, out)
+    elif task.kind == "naive":
+        extra = _naive_error(task)
+    queue.put({**task._asdict(), **timing, "peak_extra_mib": peak_mib, "memory_measure": how, **extra,
+               "loadavg_1min": os.getloadavg()[0]})
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| m = n | r | floor: Σ p_k B_k (ms) | FedSVD step (ms) | refactorize alone (ms) | naive dense SVD (ms) "
-        "| speed-up naive/FedSVD | overhead FedSVD − floor (ms) | FedSVD/floor |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['m']} | {row['r']} | {row['floor']['median_ms']:.3f} | {row['fedsvd']['median_ms']:.3f} "
-            f"| {row['refactorize']['median_ms']:.3f} | {row['naive']['median_ms']:.1f} "
-            f"(×{row['naive']['repeats']}) | {row['speedup_naive_over_fedsvd']:,.0f}× "
-            f"| {row['refactorization_overhead_ms']:.3f} | {row['fedsvd_over_floor']:.2f} |"
-        )
-    return "\n".join(lines)
+def measure(task: Task) -> dict:
+    ctx = mp.get_context("forkserver")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(task, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    ms = out["median_ms"]
+    log(f"  {task.kind:<11} {task.option:<16} m={task.m:<5} r={task.r:<2} K={task.k:<2} "
+        f"{ms:10.2f} ms  peak +{out['peak_extra_mib']:.1f} MiB  (×{out['repeats']})")
+    return out
 
 
-def check_targets(rows: list[dict]) -> dict[str, object]:
-    m, r = TARGET_CONFIG
-    row = next((x for x in rows if x["m"] == m and x["r"] == r), None)
+# --------------------------------------------------------------------------------------------------
+# the plan and the tables
+
+
+def plan(sizes: tuple[int, ...]) -> list[Task]:
+    tasks = [Task("step", m, r, k, name) for m in sizes for r in RANKS for k in CLIENTS for name in available_strategies()]
+    r, k = FULL
+    for m in sizes:
+        for name in ("fedex", "flora"):
+            forms = ("factored", "dense") if m < BIG else ("dense",)
+            tasks += [Task("folded", m, r, k, f"{name}:{form}") for form in forms]
+        for rank in RANKS:
+            if m < BIG or rank == r:
+                tasks += [Task(kind, m, rank, k) for kind in ("floor", "refactorize", "naive")]
+        for rank, clients in ((rk, kk) for rk in RANKS for kk in CLIENTS):
+            if m < BIG or (rank, clients) == FULL:
+                tasks += [Task(kind, m, rank, clients) for kind in ("fair-gram", "fair-dense")]
+    return tasks
+
+
+def _find(rows: list[dict], **key) -> dict | None:
+    return next((x for x in rows if all(x[k] == v for k, v in key.items())), None)
+
+
+def _cell(row: dict | None) -> str:
     if row is None:
-        return {"evaluated": False, "reason": f"{m}x{m} r={r} not run (--quick)"}
-    speedup, overhead = row["speedup_naive_over_fedsvd"], row["refactorization_overhead_ms"]
-    return {
-        "evaluated": True,
-        "config": {"m": m, "n": m, "r": r},
-        "speedup": speedup, "speedup_target": TARGET_SPEEDUP, "speedup_met": speedup >= TARGET_SPEEDUP,
-        "overhead_ms": overhead, "overhead_target_ms": TARGET_OVERHEAD_MS,
-        "overhead_met": overhead <= TARGET_OVERHEAD_MS,
-    }
+        return "–"
+    ms = row["median_ms"]
+    time_s = f"{ms:.2f}" if ms < 100 else f"{ms:,.0f}"
+    return f"{time_s} ms / {row['peak_extra_mib']:.1f} MiB"
+
+
+def steps_tables(rows: list[dict], sizes) -> str:
+    combos = [(r, k) for r in RANKS for k in CLIENTS]
+    out = []
+    for m in sizes:
+        out += [f"**m = n = {m}** (one m×n float32 matrix: {m * m * 4 / 2**20:.0f} MiB)", "",
+                "| strategy | " + " | ".join(f"r={r}, K={k}" for r, k in combos) + " |",
+                "|---|" + "---:|" * len(combos)]
+        for name in available_strategies():
+            cells = [_cell(_find(rows, kind="step", m=m, r=r, k=k, option=name)) for r, k in combos]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def folded_table(rows: list[dict], sizes) -> str:
+    out = ["| m = n | strategy | D empty (round 1) | D factored, rank just below the switch | D dense |",
+           "|---:|---|---:|---:|---:|"]
+    r, k = FULL
+    for m in sizes:
+        for name in ("fedex", "flora"):
+            cells = [_cell(_find(rows, kind="step", m=m, r=r, k=k, option=name)),
+                     _cell(_find(rows, kind="folded", m=m, option=f"{name}:factored")),
+                     _cell(_find(rows, kind="folded", m=m, option=f"{name}:dense"))]
+            out.append(f"| {m} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def fedsvd_table(rows: list[dict], sizes) -> tuple[str, list[dict]]:
+    out = ["| m = n | r | floor: Σ p_k B_k (ms) | FedSVD step (ms) | refactorize alone (ms) | naive dense SVD (ms) "
+           "| speed-up naive/FedSVD | overhead FedSVD − floor (ms) | FedSVD peak extra (MiB) | naive peak extra (MiB) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    summary = []
+    k = FULL[1]
+    for m in sizes:
+        for r in RANKS:
+            naive = _find(rows, kind="naive", m=m, r=r)
+            if naive is None:
+                continue
+            floor, refac = _find(rows, kind="floor", m=m, r=r), _find(rows, kind="refactorize", m=m, r=r)
+            step = _find(rows, kind="step", m=m, r=r, k=k, option="fedsvd")
+            row = {"m": m, "r": r, "K": k, "floor_ms": floor["median_ms"], "fedsvd_ms": step["median_ms"],
+                   "refactorize_ms": refac["median_ms"], "naive_ms": naive["median_ms"],
+                   "naive_repeats": naive["repeats"], "speedup": naive["median_ms"] / step["median_ms"],
+                   "overhead_ms": step["median_ms"] - floor["median_ms"],
+                   "relative_product_error_vs_naive": naive["relative_product_error_vs_naive"]}
+            summary.append(row)
+            out.append(f"| {m} | {r} | {row['floor_ms']:.3f} | {row['fedsvd_ms']:.3f} | {row['refactorize_ms']:.3f} "
+                       f"| {row['naive_ms']:,.1f} (×{row['naive_repeats']}) | {row['speedup']:,.0f}× "
+                       f"| {row['overhead_ms']:.3f} | {step['peak_extra_mib']:.1f} | {naive['peak_extra_mib']:.0f} |")
+    return "\n".join(out), summary
+
+
+def fair_table(rows: list[dict], sizes) -> tuple[str, list[dict]]:
+    out = ["| m = n | r | K | Gram form (ms) | dense (ms) | speed-up | Gram peak extra (MiB) | dense peak extra (MiB) "
+           "| one m×n float64 (MiB) | cos FedIT → FAIR (Gram / dense) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    summary = []
+    for m in sizes:
+        for r in RANKS:
+            for k in CLIENTS:
+                gram, dense = _find(rows, kind="fair-gram", m=m, r=r, k=k), _find(rows, kind="fair-dense", m=m, r=r, k=k)
+                if gram is None or dense is None:
+                    continue
+                row = {"m": m, "r": r, "K": k, "gram_ms": gram["median_ms"], "dense_ms": dense["median_ms"],
+                       "speedup": dense["median_ms"] / gram["median_ms"], "gram_peak_mib": gram["peak_extra_mib"],
+                       "dense_peak_mib": dense["peak_extra_mib"], "matrix_mib": m * m * 8 / 2**20}
+                summary.append(row)
+                out.append(f"| {m} | {r} | {k} | {row['gram_ms']:.1f} | {row['dense_ms']:,.0f} | {row['speedup']:,.0f}× "
+                           f"| {row['gram_peak_mib']:.1f} | {row['dense_peak_mib']:.0f} | {row['matrix_mib']:.0f} "
+                           f"| {gram['cos_before']:.4f} → {gram['cos_after']:.4f} / {dense['cos_after']:.4f} |")
+    return "\n".join(out), summary
+
+
+def check_targets(fedsvd: list[dict], fair: list[dict]) -> dict[str, Any]:
+    t, f = TARGET_FEDSVD, TARGET_FAIR
+    out: dict[str, Any] = {}
+    row = _find(fedsvd, m=t["m"], r=t["r"])
+    if row:
+        out["fedsvd"] = {"speedup": row["speedup"], "speedup_met": row["speedup"] >= t["speedup"],
+                         "overhead_ms": row["overhead_ms"], "overhead_met": row["overhead_ms"] <= t["overhead_ms"], **t}
+    row = _find(fair, m=f["m"], r=f["r"], K=f["K"])
+    if row:
+        out["lorafair"] = {"speedup": row["speedup"], "speedup_met": row["speedup"] >= f["speedup"],
+                           "gram_peak_mib": row["gram_peak_mib"], "matrix_mib": row["matrix_mib"], **f}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,48 +449,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/aggregation.json"))
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    sizes = [1024] if args.quick else [1024, 4096]
+    sizes = (1024,) if args.quick else SIZES
     machine = machine_info()
-    log(f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {torch.__version__}, "
-        f"{THREADS} threads")
-    if os.getloadavg()[0] > 0.5:
-        log(f"warning: load average {os.getloadavg()[0]:.2f} > 0.5: other processes compete for the CPUs")
+    log(f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {torch.__version__}, {THREADS} threads, "
+        f"load {os.getloadavg()[0]:.2f}")
+    mp.set_forkserver_preload(["torch", "fedlora.strategies", "fedlora.strategies.lorafair"])
+    started = time.perf_counter()
+    rows = [measure(task) for task in plan(sizes)]
 
-    # global warm-up at a small size: loads LAPACK paths and thread pools once
-    s, u, w = make_inputs(256, 256, 8)
-    for _ in range(3):
-        FedSVD().aggregate(s, u, w)
-        naive_step(s, u, w)
-
-    rows = [bench_config(m, r) for m in sizes for r in (8, 16)]
-    targets = check_targets(rows)
-
-    print(markdown_table(rows))
-    print()
-    if targets["evaluated"]:
-        print(f"- speed-up at 4096², r=16: {targets['speedup']:,.0f}× (target ≥ {TARGET_SPEEDUP:,.0f}×): "
-              f"{'met' if targets['speedup_met'] else 'NOT met'}")
-        print(f"- re-factorization overhead at 4096², r=16: {targets['overhead_ms']:.3f} ms "
-              f"(target ≤ {TARGET_OVERHEAD_MS} ms): {'met' if targets['overhead_met'] else 'NOT met'}")
-    else:
-        print(f"- targets not evaluated: {targets['reason']}")
+    fedsvd_md, fedsvd = fedsvd_table(rows, sizes)
+    fair_md, fair = fair_table(rows, sizes)
+    targets = check_targets(fedsvd, fair)
+    print("### One server step per strategy (time / peak extra memory)\n")
+    print(steps_tables(rows, sizes))
+    print("### FedEx-LoRA and FLoRA once D exists (r = 16, K = 10)\n")
+    print(folded_table(rows, sizes) + "\n")
+    print("### FedSVD against the naive dense SVD (K = 10)\n")
+    print(fedsvd_md + "\n")
+    print(f"### LoRA-FAIR: Gram form against the dense solver ({FAIR_STEPS} steps)\n")
+    print(fair_md + "\n")
+    print("targets: " + json.dumps(targets, indent=2))
 
     result = {
-        "benchmark": "fedsvd-server-step",
+        "benchmark": "server-step-per-strategy",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
+        "wall_s": time.perf_counter() - started,
         "machine": machine,
-        "torch_version": torch.__version__,
-        "settings": {"K": K, "threads": THREADS, "dtype": "float32", "sizes": sizes, "ranks": [8, 16]},
+        "settings": {"threads": THREADS, "sizes": list(sizes), "ranks": list(RANKS), "clients": list(CLIENTS),
+                     "client_dtype": "float32", "lora_alpha": ALPHA, "fair_steps": FAIR_STEPS,
+                     "dense_references_only_at_full_from": BIG, "memory": "peak extra resident set (see docstring)"},
         "loadavg_1_5_15_at_end": list(os.getloadavg()),
         "targets": targets,
+        "fedsvd_vs_naive": fedsvd,
+        "lorafair_gram_vs_dense": fair,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {args.out}")
+    log(f"wrote {args.out} after {result['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

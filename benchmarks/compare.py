@@ -25,10 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = {"num-server-rounds": 10, "clients-per-round": 5}
 
 
+# The seeds' two methods and their closest baselines first: a sweep cut short still compares them.
+ORDER = ["fedsvd", "lorafair", "ffa", "fedit", "fedex", "flexlora", "flora", "fedsa"]
+
+
 def strategies_preset(seeds: list[int]) -> list[SweepRun]:
-    """Every strategy at its default learning rate, same data, same clients per round."""
-    return [SweepRun(f"{name}-seed{seed}", {**COMMON, "strategy": name, "seed": seed})
-            for seed in seeds for name in available_strategies()]
+    """Every strategy at its default learning rate, same data, same clients per round, non-private."""
+    names = ORDER + sorted(set(available_strategies()) - set(ORDER))
+    return [SweepRun(f"{name}-seed{seed}", {**COMMON, "strategy": name, "seed": seed, "dp": False})
+            for seed in seeds for name in names]
 
 
 PRESETS = {"strategies": strategies_preset}
@@ -55,9 +60,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", choices=sorted(PRESETS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    parser.add_argument("--root", help="folder of the runs (default: outputs/compare-<preset>)")
     parser.add_argument("--report-only", action="store_true", help="summarise what has finished; run nothing")
     args = parser.parse_args()
-    root = REPO / "outputs" / f"compare-{args.preset}"
+    root = Path(args.root) if args.root else REPO / "outputs" / f"compare-{args.preset}"
     runs = PRESETS[args.preset]([int(s) for s in args.seeds.split(",")])
     if not args.report_only:
         run_sweep(REPO, runs, root)

@@ -79,6 +79,7 @@ class RunConfig:
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"
     dp_max_participations: int | None = None  # "auto": num-server-rounds
+    dp_seeded_noise: bool = False  # reproducible noise; anyone knowing `seed` can remove it
     # strategy options
     fair_lambda: float = 0.01
     fair_steps: int = 500
@@ -197,6 +198,10 @@ class RunConfig:
             raise ConfigError(f"target-delta={self.target_delta!r} must be in (0, 1)")
         if self.dp and self.max_grad_norm == 0:
             raise ConfigError("dp=true needs max-grad-norm > 0: it is DP-SGD's per-sample clipping bound C")
+        if self.dp and self.evaluate_on != "server":
+            raise ConfigError(f"dp=true with evaluate-on={self.evaluate_on!r}: client-side evaluation releases "
+                              "statistics of the clients' local data that DP-SGD does not cover; evaluate on "
+                              "the server (strategy 'fedsa' has no global model, so it cannot run under dp)")
         check_ranks(self.strategy, self.rank_list)
         if method.personalized and self.evaluate_on != "clients":
             raise ConfigError(f"strategy={self.strategy!r} keeps each client's B on the client, so only clients "

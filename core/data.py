@@ -142,8 +142,7 @@ def partition(cfg: RunConfig, num_partitions: int) -> list[np.ndarray]:
 @functools.lru_cache(maxsize=4)
 def _partition(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
     from datasets import Dataset
-    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
-                                           PathologicalPartitioner)
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     _, train_idx = _split_indices(cfg)
     labels = load_text_data(cfg).labels[train_idx]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from fedlora.strategies.base import DELTA_SUFFIXES, HEAD_PREFIX, is_delta_key
 
 from .config import ConfigError, RunConfig

@@ -4,6 +4,7 @@ the ServerApp (evaluation of the global model on the held-out test split)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ import torch.nn.functional as F
 from .config import RunConfig
 from .data import TextData
 from .model import ModelBundle
+
+if TYPE_CHECKING:
+    from fedlora.privacy.dpsgd import DPSettings
 
 __all__ = ["evaluate", "train_local"]
 
@@ -31,11 +35,15 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.n
 
 
 def train_local(bundle: ModelBundle, data: TextData, cfg: RunConfig, trainable: Sequence[str],
-                *, seed: Sequence[int]) -> list[float]:
+                *, seed: Sequence[int], dp: DPSettings | None = None) -> list[float]:
     """`local-steps` optimizer steps on `trainable` keys; returns the loss of every step.
 
-    A fresh optimizer each round (as the FedSVD and FFA-LoRA reference code does); the
-    global gradient norm is clipped at `max-grad-norm` unless it is 0.
+    A fresh optimizer each round (as the FedSVD and FFA-LoRA reference code does). Without `dp`,
+    shuffled mini-batches of `batch-size` and the global gradient norm clipped at `max-grad-norm`
+    unless it is 0. With `dp`, DP-SGD (`fedlora.privacy.dpsgd`): Poisson batches at rate
+    `dp.sample_rate`, per-sample clipping and noise instead of the global clip; the loss of a
+    step whose Poisson batch was empty (a noise-only step) is `nan`, so there is still one loss
+    per step. Dropout, batches and noise all follow from `seed`.
     """
     device = next(bundle.model.parameters()).device
     params = [bundle.params[k] for k in trainable]
@@ -45,27 +53,41 @@ def train_local(bundle: ModelBundle, data: TextData, cfg: RunConfig, trainable: 
         p.requires_grad_(True)
     opt_cls = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam
     optimizer = opt_cls(params, lr=cfg.learning_rate)
-    torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))  # dropout
-    batches = _batches(len(data), cfg.batch_size, np.random.default_rng(list(seed)))
+    # The first word seeds dropout (as it always has); the second the DP noise.
+    dropout_seed, noise_seed = np.random.SeedSequence(list(seed)).generate_state(2)
+    torch.manual_seed(int(dropout_seed))
+    rng = np.random.default_rng(list(seed))
     labels = torch.as_tensor(data.labels, device=device)
+
+    def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = _encode(bundle, [data.texts[i] for i in idx], cfg.max_length, device)
+        return bundle.model(**enc).logits, labels[idx]
+
     bundle.model.train()
-    losses = []
     try:
+        if dp is not None:
+            from fedlora.privacy.dpsgd import (
+                dp_sgd_steps,  # opacus is only needed for DP runs
+            )
+
+            return dp_sgd_steps(bundle.model, optimizer, dp, num_examples=len(data),
+                                steps=cfg.local_steps, forward=forward, rng=rng,
+                                noise_seed=int(noise_seed))
+        batches = _batches(len(data), cfg.batch_size, rng)
+        losses = []
         for _ in range(cfg.local_steps):
-            idx = next(batches)
-            enc = _encode(bundle, [data.texts[i] for i in idx], cfg.max_length, device)
-            loss = F.cross_entropy(bundle.model(**enc).logits, labels[idx])
+            loss = F.cross_entropy(*forward(next(batches)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             losses.append(float(loss.detach()))
+        return losses
     finally:
         for p in params:
             p.requires_grad_(False)
         bundle.model.eval()
-    return losses
 
 
 @torch.no_grad()

@@ -12,15 +12,16 @@ from datetime import datetime, timezone
 from logging import INFO
 from pathlib import Path
 
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
 from fedlora.core.config import RunConfig, check_ranks
 from fedlora.core.data import load_text_data, split_test
 from fedlora.core.model import build_model, global_state, load_state, pick_device
 from fedlora.core.train import evaluate
 from fedlora.strategies import get_method
 from fedlora.strategies.flower import LoraStrategy, from_record, payload_bytes, to_record
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.logger import log
-from flwr.serverapp import Grid, ServerApp
 
 from .outputs import RunOutputs
 
@@ -107,11 +108,18 @@ def main(grid: Grid, context: Context) -> None:
                          "seconds": time.perf_counter() - t0})
     arrays = to_record(state)
     for rnd in range(1, cfg.num_server_rounds + 1):
+        if not strategy.eligible():
+            log(INFO, "fedlora: stopping before round %d: every client has spent its privacy budget "
+                "(%s)", rnd, "; ".join(strategy.exhausted.values()))
+            break
         t0 = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
                                         timeout=cfg.round_timeout)
-        arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        arrays = new_arrays or arrays  # None: every sampled client refused, the model is unchanged
         row = {"round": rnd, "strategy": cfg.strategy, **dict(train_metrics)}
+        if cfg.dp:
+            row.update(strategy.privacy_metrics())
         eval_cfg = {"final": rnd == cfg.num_server_rounds}
         if method.personalized and eval_cfg["final"]:  # each client writes its own adapter
             eval_cfg["export-dir"] = str(out_dir / "adapters")
@@ -126,6 +134,8 @@ def main(grid: Grid, context: Context) -> None:
         row["seconds"] = time.perf_counter() - t0
         outputs.write_round(row)
 
+    if cfg.dp:
+        outputs.save_privacy(strategy)
     if method.personalized:
         outputs.plot()
         log(INFO, "fedlora: done; each client's adapter in %s", out_dir / "adapters")

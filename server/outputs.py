@@ -11,6 +11,8 @@ the final test predictions and an accuracy plot.
       merged/               fedex, flora: AutoModelForSequenceClassification.from_pretrained(merged/)
                             gives the server's model, base-weight changes included
       adapters/<partition>/ fedsa: each client's own adapter (Ā with its B), written by the client
+      privacy.json          dp: δ, accountant, target ε and each client's ε and participations
+      privacy/<partition>.json  dp, simulation: each client's own ledger, written by the client
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
+from flwr.common.logger import log
+
 from fedlora.core.config import RunConfig
 from fedlora.core.data import TextData
 from fedlora.core.model import ModelBundle, save_adapter, save_merged
 from fedlora.core.train import evaluate
-from flwr.common.logger import log
+from fedlora.strategies.flower import LoraStrategy
 
 __all__ = ["RunOutputs"]
 
@@ -50,7 +54,7 @@ class RunOutputs:
         parts = [f"round {row['round']}/{self.cfg.num_server_rounds}"]
         for key, fmt in (("test_accuracy", "acc {:.3f}"), ("test_loss", "loss {:.3f}"),
                          ("client_accuracy", "client acc {:.3f}"), ("train_loss", "train loss {:.3f}"),
-                         ("num_clients", "{} clients")):
+                         ("num_clients", "{} clients"), ("epsilon_max", "ε max {:.2f}")):
             if key in row:
                 parts.append(fmt.format(row[key]))
         if "bytes_up" in row:
@@ -74,6 +78,22 @@ class RunOutputs:
         self.plot()
         if merged:
             save_merged(bundle, self.dir / "merged")
+
+    def save_privacy(self, strategy: LoraStrategy) -> None:
+        """privacy.json: the budget and each client's ε as its ledger last reported it."""
+        cfg = self.cfg
+        clients = {str(pid): {"epsilon": strategy.epsilon.get(pid, 0.0),
+                              "participations": strategy.participations.get(pid, 0),
+                              "exhausted": pid in strategy.exhausted,
+                              **({"reason": strategy.exhausted[pid]} if pid in strategy.exhausted else {})}
+                   for pid in sorted(strategy.partitions)}
+        summary = {"target_epsilon": cfg.target_epsilon, "delta": cfg.target_delta, "accountant": cfg.accountant,
+                   "dp_max_participations": cfg.dp_max_participations, "local_steps": cfg.local_steps,
+                   "max_grad_norm": cfg.max_grad_norm, "clients": clients,
+                   "epsilon_max": max((c["epsilon"] for c in clients.values()), default=0.0)}
+        (self.dir / "privacy.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if strategy.exhausted:
+            log(INFO, "fedlora: clients that spent their privacy budget: %s", sorted(strategy.exhausted))
 
     def plot(self) -> None:
         """accuracy.png from the rows so far (if matplotlib is installed)."""

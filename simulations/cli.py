@@ -4,12 +4,20 @@
 
 validates the run config, runs the simulation on a private SuperLink (see `runner`), waits for the
 end and exits 0 on success, 1 if the run failed, 2 on bad input (before anything started).
+
+    fedlora privacy plan (--epsilon E | --sigma S) --delta D (--sample-rate Q | --num-examples N
+                         --batch-size B) --steps T [--accountant prv|rdp] [--json]
+    fedlora privacy report OUTPUT_DIR [--json]
+
+`plan` prints the noise multiplier that meets a target ε, or the ε a noise multiplier spends;
+`report` prints the budget each client of a DP run has spent, from its ledger. Both exit 2 on
+bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
+import json
 import sys
 from pathlib import Path
 
@@ -28,12 +36,8 @@ def _parse_overrides(items: list[str]) -> dict:
         raise ConfigError(f"--run-config could not be parsed ({exc}); use \"key=value key2='text'\"") from exc
 
 
-def _raise_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _run(args: argparse.Namespace) -> int:
-    from .runner import RunFailed, preflight, resolve_config, run_simulation
+    from .runner import RunFailed, preflight, resolve_config, run_simulation, unwind_on_signals
 
     try:
         if args.client_cpus < 1:
@@ -43,9 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
-    # A `kill` (or a CI cancel) must still stop the SuperLink: make SIGTERM/SIGHUP unwind like Ctrl-C.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_exit)
+    unwind_on_signals()  # a `kill` (or a CI cancel) must still stop the SuperLink
     try:
         out = run_simulation(Path(args.app), cfg, args.num_supernodes, client_cpus=args.client_cpus,
                              quiet=args.quiet)
@@ -54,6 +56,68 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     print(f"fedlora: finished; metrics in {out / 'metrics.jsonl'}, adapter in {out / 'adapter'}")
     return 0
+
+
+def _privacy_plan(args: argparse.Namespace) -> int:
+    from fedlora.privacy import PrivacyError, sample_rate
+    from fedlora.privacy.report import format_plan, plan
+
+    try:
+        by_size = args.num_examples is not None or args.batch_size is not None
+        if args.sample_rate is not None and by_size:
+            raise PrivacyError("--sample-rate cannot be combined with --num-examples/--batch-size")
+        if args.sample_rate is None and (args.num_examples is None or args.batch_size is None):
+            raise PrivacyError("give either --sample-rate, or both --num-examples and --batch-size")
+        q = args.sample_rate if args.sample_rate is not None else sample_rate(args.num_examples,
+                                                                              args.batch_size)
+        result = plan(delta=args.delta, sample_rate=q, steps=args.steps, accountant=args.accountant,
+                      target_epsilon=args.epsilon, sigma=args.sigma)
+    except PrivacyError as exc:
+        print(f"fedlora privacy plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0
+
+
+def _privacy_report(args: argparse.Namespace) -> int:
+    from fedlora.privacy import PrivacyError, load_ledgers
+    from fedlora.privacy.report import format_report, summarize
+
+    try:
+        rows = summarize(load_ledgers(args.output_dir))
+    except PrivacyError as exc:
+        print(f"fedlora privacy report: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output_dir": str(args.output_dir), "clients": rows}) if args.json
+          else format_report(rows))
+    return 0
+
+
+def _add_privacy(sub: argparse._SubParsersAction) -> None:
+    from fedlora.privacy import ACCOUNTANTS
+
+    privacy = sub.add_parser("privacy", help="plan a DP budget, or report what a DP run spent")
+    commands = privacy.add_subparsers(dest="privacy_command", required=True)
+    plan = commands.add_parser(
+        "plan", help="noise multiplier for a target epsilon, or epsilon of a noise multiplier",
+        description="Exactly one of --epsilon (prints sigma) or --sigma (prints epsilon). The sample "
+                    "rate is --sample-rate, or min(1, batch-size / num-examples); steps are all local "
+                    "steps a client takes over the run (rounds it trains in × local-steps).")
+    target = plan.add_mutually_exclusive_group(required=True)
+    target.add_argument("--epsilon", type=float, help="target epsilon: print the noise multiplier")
+    target.add_argument("--sigma", type=float, help="noise multiplier: print the epsilon it spends")
+    plan.add_argument("--delta", type=float, required=True, help="delta of the (epsilon, delta) guarantee")
+    plan.add_argument("--sample-rate", type=float, help="Poisson sampling rate q of a step")
+    plan.add_argument("--num-examples", type=int, help="a client's training examples (with --batch-size)")
+    plan.add_argument("--batch-size", type=int, help="expected batch size (with --num-examples)")
+    plan.add_argument("--steps", type=int, required=True, help="DP-SGD steps over the whole run")
+    plan.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="default: prv")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(handler=_privacy_plan)
+    report = commands.add_parser("report", help="budget spent by each client of a DP run")
+    report.add_argument("output_dir", type=Path, help="the run's output-dir (ledgers in its privacy/)")
+    report.add_argument("--json", action="store_true", help="print one JSON object")
+    report.set_defaults(handler=_privacy_report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="CPU cores per simulated client; clients run in parallel on the cores "
                           "left (default: 1)")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the run's log")
+    run.set_defaults(handler=_run)
+    _add_privacy(sub)
     args = parser.parse_args(argv)
-    return _run(args)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

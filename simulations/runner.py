@@ -29,7 +29,7 @@ from typing import Any
 
 from fedlora.core.config import ConfigError, RunConfig
 
-__all__ = ["RunFailed", "app_defaults", "preflight", "resolve_config", "run_simulation"]
+__all__ = ["RunFailed", "app_defaults", "preflight", "resolve_config", "run_simulation", "unwind_on_signals"]
 
 _CONNECTION = "fedlora-local"
 
@@ -86,6 +86,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def unwind_on_signals() -> None:
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C, so that a `kill` (or a CI cancel) still stops
+    the SuperLink that `run_simulation` started."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_exit)
 
 
 def _flwr_bin(name: str) -> str:

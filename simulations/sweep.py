@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runner import preflight, resolve_config, run_simulation
+from .runner import preflight, resolve_config, run_simulation, unwind_on_signals
 
 __all__ = ["SweepRun", "finished_rounds", "run_sweep", "summarize"]
 
@@ -54,6 +54,7 @@ def finished_rounds(out_dir: Path) -> int:
 def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supernodes: int = 10,
               client_cpus: int = 1) -> None:
     """Run every unfinished run of `runs` in turn, printing one progress line per run."""
+    unwind_on_signals()
     root = Path(root)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):

@@ -73,15 +73,27 @@ class LoraStrategy(Strategy):
         self.ranks = dict(ranks or {})
         self.contacted: set[int] = set()  # partitions that have received the full state once
         self.trained: list[int] = []  # partitions whose update was aggregated in the last round
+        # Privacy: each client's ε as it last reported it, its aggregated participations, and the
+        # clients that refused because their budget is spent (never sampled again).
+        self.epsilon: dict[int, float] = {}
+        self.participations: dict[int, int] = {}
+        self.exhausted: dict[int, str] = {}  # partition -> the client's reason
+        self._refused_now = 0
         self._state: State = {}
         self._sent: dict[int, State] = {}  # what each client of the current round was sent
         self._bytes_down = 0
 
+    def eligible(self) -> list[int]:
+        """Partitions that may still be sampled: all but those whose privacy budget is spent."""
+        return sorted(set(self.partitions) - set(self.exhausted))
+
     def sample(self, server_round: int, stream: int = 0) -> list[int]:
-        """Partition ids for a round, reproducible from (seed, round) alone."""
+        """Partition ids for a round, reproducible from (seed, round) and the eligible set alone;
+        all eligible ones when fewer are left than `clients-per-round`."""
         rng = np.random.default_rng([self.seed, server_round, stream])
-        pids = sorted(self.partitions)
-        return sorted(int(p) for p in rng.choice(pids, size=self.clients_per_round, replace=False))
+        pids = self.eligible()
+        size = min(self.clients_per_round, len(pids))
+        return sorted(int(p) for p in rng.choice(pids, size=size, replace=False)) if size else []
 
     def _message(self, pid: int, content: RecordDict, kind: str) -> Message:
         return Message(content, message_type=kind, dst_node_id=self.partitions[pid])
@@ -117,8 +129,15 @@ class LoraStrategy(Strategy):
                 continue
             sent = self._sent[pid]
             expected = self.method.uplink_keys(sent)
-            update = from_record(reply.content["arrays"])
             metrics = reply.content["metrics"]
+            if "epsilon" in metrics:
+                self.epsilon[pid] = float(metrics["epsilon"])
+            if int(metrics.get("refused", 0)):
+                # An explicit refusal (its privacy budget is spent): filtered out, never sampled again.
+                self.exhausted[pid] = str(reply.content["refusal"]["reason"]) if "refusal" in reply.content else ""
+                self._refused_now += 1
+                continue
+            update = from_record(reply.content["arrays"])
             problem = None
             if sorted(update) != sorted(expected):
                 problem = f"sent keys {sorted(set(update) ^ set(expected))[:4]} out of line with {self.method.name}"
@@ -136,14 +155,24 @@ class LoraStrategy(Strategy):
         # Only a client that answered has surely received what was sent on first contact.
         self.contacted.update(pid for pid, *_ in ok)
         self.trained = [pid for pid, *_ in ok]
+        for pid in self.trained:
+            self.participations[pid] = self.participations.get(pid, 0) + 1
         return ok, rejected
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, then aggregate the valid ones with the method."""
+        """Validate replies, then aggregate the valid ones with the method.
+
+        Returns no arrays when every sampled client refused (privacy budgets spent): the global
+        state stays as it was.
+        """
+        self._refused_now = 0
         ok, rejected = self._valid_updates(replies)
         for reason in rejected:
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
+        if not ok and not rejected and self._refused_now:
+            return None, MetricRecord({"num_clients": 0, "num_rejected": 0, "bytes_up": 0,
+                                       "bytes_down": self._bytes_down})
         if not ok:
             raise RuntimeError(f"round {server_round}: no usable client reply ({'; '.join(rejected) or 'none arrived'})")
         weights = normalized_weights([n for _, _, n, _ in ok])
@@ -204,10 +233,22 @@ class LoraStrategy(Strategy):
         log(INFO, "\t└── %d of %d clients per round, seed %d", self.clients_per_round,
             len(self.partitions), self.seed)
 
+    def privacy_metrics(self) -> dict[str, Any]:
+        """Per-client ε (kept out of Flower's metric averaging: a mean ε would hide the worst
+        client), its max and mean, and how many sampled clients refused this round."""
+        eps = {str(pid): e for pid, e in sorted(self.epsilon.items())}
+        return {"epsilon": eps, "epsilon_max": max(eps.values(), default=0.0),
+                "epsilon_mean": float(np.mean(list(eps.values()))) if eps else 0.0, "refused": self._refused_now}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method.state_dict(), "contacted": sorted(self.contacted), "trained": self.trained}
+        return {"method": self.method.state_dict(), "contacted": sorted(self.contacted), "trained": self.trained,
+                "epsilon": dict(self.epsilon), "participations": dict(self.participations),
+                "exhausted": dict(self.exhausted)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
         self.contacted = set(state["contacted"])
         self.trained = list(state["trained"])
+        self.epsilon = {int(k): float(v) for k, v in state["epsilon"].items()}
+        self.participations = {int(k): int(v) for k, v in state["participations"].items()}
+        self.exhausted = {int(k): str(v) for k, v in state["exhausted"].items()}

@@ -30,7 +30,7 @@ def product_svd(U: torch.Tensor, V: torch.Tensor, *, drop_zeros: bool = False
         raise ValueError(f"U is {tuple(U.shape)} but V is {tuple(V.shape)}: inner sizes differ")
     q_u, r_u = torch.linalg.qr(U.to(torch.float64))
     q_v, r_v = torch.linalg.qr(V.to(torch.float64).T)
-    w, s, zh = torch.linalg.svd(r_u @ r_v.T)
+    w, s, zh = torch.linalg.svd(r_u @ r_v.T, full_matrices=False)
     left, right = q_u @ w, zh @ q_v.T
     if drop_zeros:
         tol = max(U.shape[0], V.shape[1]) * torch.finfo(torch.float64).eps * (float(s[0]) if s.numel() else 0.0)
@@ -63,7 +63,7 @@ class BaseDelta:
             raise ValueError(f"cannot add {tuple(U.shape)}·{tuple(V.shape)} to a {self.m}×{self.n} weight")
         U, V = U.to(torch.float64), V.to(torch.float64)
         if self.dense is not None:
-            self.dense += U @ V
+            self.dense = self.dense + U @ V  # not in place: a state_dict() taken earlier stays as it was
             return
         left, s, right = product_svd(torch.cat([self.U, U], dim=1), torch.cat([self.V, V], dim=0),
                                      drop_zeros=True)

@@ -70,3 +70,60 @@ def test_load_state_rejects_unknown_keys_and_wrong_shapes(cfg):
         load_state(bundle, {key: torch.zeros(1, 1)})
     with pytest.raises(KeyError, match="does not have"):
         load_state(bundle, {"nope.lora_B": torch.zeros(1)})
+
+
+def test_base_weight_changes_are_set_from_each_message_and_w0_stays_pristine(cfg):
+    bundle = build_model(cfg, 3)
+    layer = "bert.encoder.layer.0.attention.self.query"
+    linear = bundle.base_layers[layer]
+    w0 = linear.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(32, 3, generator=g), torch.randn(3, 32, generator=g)
+    state = global_state(bundle)
+    load_state(bundle, {**state, layer + ".base_delta_U": u, layer + ".base_delta_V": v})
+    torch.testing.assert_close(linear.weight, w0 + u @ v)
+    load_state(bundle, {**state, layer + ".base_delta_U": u, layer + ".base_delta_V": v})  # not twice
+    torch.testing.assert_close(linear.weight, w0 + u @ v)
+    dense = torch.randn(32, 32, generator=g)
+    load_state(bundle, {**state, layer + ".base_delta": dense})
+    torch.testing.assert_close(linear.weight, w0 + dense)
+    load_state(bundle, state)  # a message without a change: back to W0, bit for bit
+    assert torch.equal(linear.weight, w0) and not bundle.pristine
+    with pytest.raises(KeyError, match="needs both"):
+        load_state(bundle, {layer + ".base_delta_U": u})
+    with pytest.raises(KeyError, match="not LoRA layers"):
+        load_state(bundle, {"bert.pooler.dense.base_delta": dense})
+
+
+def test_merged_export_equals_the_model_with_its_base_change(cfg, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora.core.model import save_merged
+
+    bundle = build_model(cfg, 3)
+    layer = "bert.encoder.layer.1.attention.self.value"
+    g = torch.Generator().manual_seed(1)
+    state = {k: (torch.randn(v.shape, generator=g) if k.endswith("lora_B") else v)
+             for k, v in global_state(bundle).items()}
+    load_state(bundle, {**state, layer + ".base_delta": torch.randn(32, 32, generator=g)})
+    enc = bundle.tokenizer(["good great", "bad sad table"], return_tensors="pt", padding=True)
+    bundle.model.eval()
+    with torch.no_grad():
+        expected = bundle.model(**enc).logits
+    save_merged(bundle, tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_node_config_rank_overrides_lora_ranks():
+    from flwr.app import Context, RecordDict
+
+    from fedlora.client.app import _identity
+
+    cfg = RunConfig.from_run_config({"strategy": "flexlora", "lora-ranks": "2,4"})
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3},
+                  state=RecordDict(), run_config={})
+    assert _identity(ctx, cfg) == (1, 3, 4)
+    ctx.node_config["lora-rank"] = 16
+    assert _identity(ctx, cfg) == (1, 3, 16)

@@ -59,8 +59,8 @@ def _init_state(overrides: dict):
     return cfg, global_state(build_model(cfg, 3, {0: "neg", 1: "neu", 2: "pos"}))
 
 
-def _adapter_predictions(out_dir, cfg):
-    """Load the exported adapter with plain peft/transformers and predict the server's test split."""
+def _adapter_predictions(out_dir, cfg, adapter="adapter"):
+    """Load an exported adapter with plain peft/transformers and predict the server's test split."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -68,7 +68,7 @@ def _adapter_predictions(out_dir, cfg):
     from fedlora.core.model import ModelBundle
     from fedlora.core.train import evaluate
 
-    adapter = out_dir / "adapter"
+    adapter = out_dir / adapter
     id2label = {int(k): v for k, v in json.loads((adapter / "id2label.json").read_text()).items()}
     base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=len(id2label))
     model = PeftModel.from_pretrained(base, adapter)
@@ -172,7 +172,8 @@ def test_fedsa_keeps_each_clients_b_and_exports_its_adapter(tiny_overrides, tmp_
     overrides = _run_ok({**tiny_overrides, "strategy": "fedsa", "evaluate-on": "auto", "output-dir": str(out)})
     rows = _rows(out)
     for row in rows[1:]:
-        assert {"test_accuracy", "personalized_accuracy", "test_loss", "personalized_loss"} <= set(row), row
+        assert {"personalized_accuracy", "personalized_loss"} <= set(row), row
+    assert {"test_accuracy", "test_loss"} <= set(rows[-1])  # the global split: on the last round
     assert not (out / "adapter").exists()  # no global model to export
     cfg, init = _init_state(overrides)
     exported = sorted(p.name for p in (out / "adapters").iterdir())
@@ -184,6 +185,7 @@ def test_fedsa_keeps_each_clients_b_and_exports_its_adapter(tiny_overrides, tmp_
         b_of.append([v for k, v in sorted(adapter.items()) if "lora_B" in k])
         assert all(float(b.abs().max()) > 0 for b in b_of[-1]), "a client's B never trained"
         a = [v for k, v in sorted(adapter.items()) if "lora_A" in k]
+        assert len(_adapter_predictions(out, cfg, f"adapters/{pid}")) == 120  # loads with plain peft
         if len(b_of) > 1:  # one shared A, personal B
             assert all(torch.equal(x, y) for x, y in zip(a, a_prev))
             assert not all(torch.equal(x, y) for x, y in zip(b_of[-1], b_of[0]))
@@ -242,3 +244,44 @@ def test_sigterm_stops_everything_it_started(tiny_overrides, tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("strategy", ["fedsvd", "ffa", "fedit"])
+def test_dp_end_to_end(strategy, tiny_overrides, tmp_path):
+    from fedlora.privacy import PrivacyLedger, epsilon
+
+    out = tmp_path / "run"
+    _run_ok({**tiny_overrides, "strategy": strategy, "dp": True, "target-epsilon": 6.0, "output-dir": str(out)})
+    rows = _rows(out)
+    for row in rows[1:]:
+        assert "train_loss" not in row  # a loss on private records is not released under DP
+        assert set(row["epsilon"]) == {"0", "1", "2"} and row["epsilon_max"] <= 6.0 and row["refused"] == 0
+    summary = json.loads((out / "privacy.json").read_text())
+    assert summary["delta"] == 1e-5 and summary["accountant"] == "prv"
+    for pid in ("0", "1", "2"):
+        ledger = PrivacyLedger.load(out / "privacy" / f"{pid}.json")
+        assert [p["round"] for p in ledger.participations] == [1, 2]
+        assert summary["clients"][pid]["participations"] == 2
+        assert summary["clients"][pid]["epsilon"] == pytest.approx(ledger.epsilon)
+        assert ledger.epsilon == pytest.approx(epsilon(ledger.history, 1e-5, "prv"), rel=1e-6)
+        assert ledger.epsilon <= 6.0
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_spent_budgets_are_enforced_and_the_run_ends_cleanly(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    # σ is planned for one participation: each client can train once, then must refuse.
+    res = fedlora_run({**tiny_overrides, "dp": True, "target-epsilon": 3.0, "dp-max-participations": 1,
+                       "clients-per-round": 2, "num-server-rounds": 6, "output-dir": str(out)})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = _rows(out)
+    trained = [row["num_clients"] for row in rows[1:]]
+    refused = [row["refused"] for row in rows[1:]]
+    assert sum(trained) == 3 and sum(refused) == 3  # each client trains once, then refuses once
+    assert rows[-1]["round"] < 6  # stopped early: nobody left to sample
+    summary = json.loads((out / "privacy.json").read_text())
+    assert all(c["exhausted"] and c["participations"] == 1 and 0 < c["epsilon"] <= 3.0
+               for c in summary["clients"].values())
+    assert "one more round would spend" in summary["clients"]["0"]["reason"]
+    assert (out / "adapter").exists() and (out / "predictions.json").exists()  # outputs written

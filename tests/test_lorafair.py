@@ -21,6 +21,15 @@ def _clients(m, n, r, K, scale, seed=0):
     return bs, as_, normalized_weights(list(range(10, 10 + 7 * K, 7)))
 
 
+def _updates(bs, as_):
+    """The clients' replies for a one-layer model `l`, as `FairProblem.build` reads them."""
+    return [{"l.lora_A": a, "l.lora_B": b} for b, a in zip(bs, as_)]
+
+
+def _problem(bs, as_, w) -> FairProblem:
+    return FairProblem.build(_updates(bs, as_), "l", w)
+
+
 def _dense(bs, as_, w):
     dw = sum(p * b @ a for p, b, a in zip(w, bs, as_))
     return dw, sum(p * b for p, b in zip(w, bs)), sum(p * a for p, a in zip(w, as_))
@@ -34,7 +43,7 @@ def _dense_cos(x, y):
 def test_gram_form_matches_dense_autograd(m, n, r, K, scale):
     bs, as_, w = _clients(m, n, r, K, scale)
     dw, b_bar, a_bar = _dense(bs, as_, w)
-    problem = FairProblem.build(bs, as_, w)
+    problem = _problem(bs, as_, w)
     torch.testing.assert_close(problem.b_bar, b_bar)
     assert problem.dw_norm == pytest.approx(float(dw.norm()), rel=1e-10)
     delta = (0.3 * scale * torch.randn(m, r, dtype=torch.float64)).requires_grad_(True)
@@ -44,7 +53,7 @@ def test_gram_form_matches_dense_autograd(m, n, r, K, scale):
     loss_t.backward()
     loss, grad = problem.loss_and_grad(delta.detach(), 0.01)
     assert loss == pytest.approx(float(loss_t.detach()), rel=1e-12, abs=1e-14)
-    assert loss - 0.01 * float((delta * delta).sum()) == pytest.approx(dense_loss, abs=1e-12)
+    assert loss - 0.01 * float((delta.detach() ** 2).sum()) == pytest.approx(dense_loss, abs=1e-12)
     torch.testing.assert_close(grad, delta.grad, rtol=1e-9, atol=1e-12 * max(1.0, float(delta.grad.abs().max())))
 
 
@@ -53,14 +62,14 @@ def test_best_cosine_is_the_dense_projection(m, n, r, K, scale):
     bs, as_, w = _clients(m, n, r, K, scale)
     dw, _, a_bar = _dense(bs, as_, w)
     proj = dw @ torch.linalg.pinv(a_bar) @ a_bar  # projection of ΔW onto Ā's row space
-    assert FairProblem.build(bs, as_, w).best_cosine() == pytest.approx(_dense_cos(dw, proj), abs=1e-10)
+    assert _problem(bs, as_, w).best_cosine() == pytest.approx(_dense_cos(dw, proj), abs=1e-10)
 
 
 @pytest.mark.parametrize("m, n, r, K, scale", CASES)
 def test_solver_beats_fedit_and_reaches_the_optimum_without_regulariser(m, n, r, K, scale):
     bs, as_, w = _clients(m, n, r, K, scale)
     dw, b_bar, a_bar = _dense(bs, as_, w)
-    problem = FairProblem.build(bs, as_, w)
+    problem = _problem(bs, as_, w)
     fedit = _dense_cos(dw, b_bar @ a_bar)
     corrected = _dense_cos(dw, (b_bar + fair_correction(problem, 0.01, 500, 0.05)) @ a_bar)
     assert corrected >= fedit - 1e-12
@@ -73,7 +82,7 @@ def test_an_aggregate_that_is_already_optimal_is_not_made_worse():
     # identical A on every client (round 1 of a run): B̄Ā = ΔW up to float error, cos ≈ 1
     bs, as_, w = _clients(48, 40, 4, 3, 1e-3)
     as_ = [as_[0]] * 3
-    problem = FairProblem.build(bs, as_, w)
+    problem = _problem(bs, as_, w)
     before = problem.cosine(problem.b_bar)
     assert before == pytest.approx(1.0, abs=1e-12)
     assert problem.cosine(problem.b_bar + fair_correction(problem, 0.01, 500, 0.05)) >= before
@@ -82,7 +91,7 @@ def test_an_aggregate_that_is_already_optimal_is_not_made_worse():
 def test_zero_updates_give_zero_correction_and_no_nan():
     bs = [torch.zeros(16, 4) for _ in range(3)]
     as_ = [torch.randn(4, 12) for _ in range(3)]
-    problem = FairProblem.build(bs, as_, normalized_weights([1, 2, 3]))
+    problem = _problem(bs, as_, normalized_weights([1, 2, 3]))
     delta = fair_correction(problem, 0.01, 50, 0.05)
     assert torch.equal(delta, torch.zeros_like(delta))
     assert problem.cosine(problem.b_bar) == 0.0
@@ -91,7 +100,7 @@ def test_zero_updates_give_zero_correction_and_no_nan():
 def test_aggregate_sets_a_bar_corrected_b_head_mean_and_metrics():
     bs, as_, w = _clients(40, 30, 4, 3, 1e-2)
     heads = [torch.randn(3, 30, dtype=torch.float64) for _ in range(3)]
-    updates = [{"l.lora_A": a, "l.lora_B": b, "head.w": h} for a, b, h in zip(as_, bs, heads)]
+    updates = [{**u, "head.w": h} for u, h in zip(_updates(bs, as_), heads)]
     state = {k: torch.zeros_like(v) for k, v in updates[0].items()}
     method = LoRAFAIR(lam=0.01)
     new = method.aggregate(state, updates, w)

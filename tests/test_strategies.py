@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fedlora.strategies import (
+    ClientSpec,
     FedIT,
     FedSVD,
     FFALoRA,
@@ -341,12 +342,17 @@ def test_uplink_keys(name, sends_a):
     assert set(keys) <= set(state)
 
 
+def _client(*, first_contact: bool) -> ClientSpec:
+    """A client at the toy state's rank (every toy layer has r = 4)."""
+    return ClientSpec(pid=0, rank=4, first_contact=first_contact)
+
+
 def test_ffa_downlink_sends_a_only_on_first_contact():
     state = _toy_state(0)
-    later = FFALoRA().downlink(state, first_contact=False)
+    later = FFALoRA().downlink(state, _client(first_contact=False))
     assert not any(k.endswith(A_SUFFIX) for k in later)
     assert set(later) == {k for k in state if not k.endswith(A_SUFFIX)}
-    first = FFALoRA().downlink(state, first_contact=True)
+    first = FFALoRA().downlink(state, _client(first_contact=True))
     assert set(first) == set(state)
     assert all(torch.equal(first[k], state[k]) for k in state)
 
@@ -354,7 +360,7 @@ def test_ffa_downlink_sends_a_only_on_first_contact():
 def test_fedsvd_downlink_always_sends_a():
     # A changes every round under FedSVD, so a cached copy would be stale
     state = _toy_state(0)
-    assert set(FedSVD().downlink(state, first_contact=False)) == set(state)
+    assert set(FedSVD().downlink(state, _client(first_contact=False))) == set(state)
 
 
 # --------------------------------------------------------------------------------------------------

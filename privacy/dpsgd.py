@@ -1,0 +1,204 @@
+"""DP-SGD local steps on a model's trainable parameters, with Opacus' per-sample gradients.
+
+One step (Abadi et al. 2016, as Opacus implements it):
+
+1. Poisson sampling: each of the client's n examples joins the batch independently with
+   probability q, so the batch size varies and may be 0. This is the sampling the accountant's
+   sampled-Gaussian analysis assumes; a fixed-size shuffled batch would not be covered by it.
+2. Per-sample gradients of the mean cross-entropy, from Opacus' hooks ("hooks": materialised per
+   layer; "ghost": only their norms, then a second, reweighted backward pass).
+3. Flat clipping: each example's gradient over *all* trainable tensors together is scaled to
+   norm at most C.
+4. Gaussian noise N(0, σ²C²) is added to the sum of the clipped gradients, which is then divided
+   by the *expected* batch size q·n (not the drawn one: the drawn size depends on the data).
+5. The inner optimizer (SGD or Adam) steps on that gradient.
+
+An empty batch is still a step: its clipped sum is zero, so the update is pure noise, and it is
+counted like any other (skipping it would reveal that the batch was empty, which the analysis
+does not allow). No forward pass is run for it: Hugging Face models fail on a batch of 0.
+
+Opacus' hooks are attached for the duration of `dp_sgd_steps` only and removed afterwards, also
+after an exception, because the same model object is trained again for the next client or round.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .accounting import PrivacyError
+
+__all__ = ["GRAD_SAMPLE_MODES", "DPSettings", "Forward", "dp_sgd_steps", "poisson_batch"]
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+"""Runs the model on the examples at the given indices; returns (logits, integer labels)."""
+
+# Attributes Opacus leaves on modules when a step is interrupted between forward and backward;
+# `cleanup()` does not remove them, and stale activations would corrupt the next step.
+_MODULE_STATE = ("activations", "max_batch_len")
+# Set on parameters by the DP optimizers; not covered by the hooks' `cleanup()`.
+_PARAM_STATE = ("summed_grad",)
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Record-level DP-SGD parameters of one client's local training.
+
+    `secret_noise=False` draws the noise from a generator seeded with the training seed, so a
+    run is reproducible; anyone who knows that seed (e.g. the server, which sets the run seed)
+    can regenerate the noise and subtract it. `secret_noise=True` seeds it from the operating
+    system instead: not reproducible, but the guarantee then also holds against such a party.
+    Neither is Opacus' `secure_mode` (noise hardened against floating-point attacks).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    grad_sample_mode: str = "hooks"
+    secret_noise: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise PrivacyError(f"noise multiplier={self.noise_multiplier!r} must be a finite number >= 0")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise PrivacyError(f"max grad norm (clipping bound C)={self.max_grad_norm!r} must be a "
+                               "finite number > 0")
+        if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
+            raise PrivacyError(f"sample rate={self.sample_rate!r} must be in (0, 1]")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyError(f"grad sample mode={self.grad_sample_mode!r} is not supported; choose "
+                               f"one of {list(GRAD_SAMPLE_MODES)}")
+
+
+def poisson_batch(n: int, q: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a Poisson-sampled batch: each of `n` examples independently with probability `q`."""
+    return np.flatnonzero(rng.random(n) < q)
+
+
+def _trainable(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """The optimizer's parameters, checked to be exactly the model's live trainable ones.
+
+    Opacus computes per-sample gradients for every parameter that requires grad, and the DP
+    optimizer needs one for each of its parameters: a trainable parameter unused by the
+    optimizer, or an optimizer parameter that is not the model's (stale tensors, opacus #820),
+    breaks the step or makes it a silent no-op.
+    """
+    live = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    held = {id(p) for p in params}
+    stale = sum(id(p) not in live for p in params)
+    unused = sorted(name for pid, name in live.items() if pid not in held)
+    problems = []
+    if not params:
+        problems.append("the optimizer holds no parameters")
+    if stale:
+        problems.append(f"{stale} optimizer parameter(s) are not trainable parameters of the model")
+    if unused:
+        problems.append(f"trainable but not optimised: {unused[:5]}{' ...' if len(unused) > 5 else ''}")
+    if problems:
+        raise ValueError("the optimizer must hold exactly the model's trainable parameters for "
+                         "DP-SGD: " + "; ".join(problems))
+    return params
+
+
+@contextmanager
+def _opacus_hooks(model: nn.Module, dp: DPSettings) -> Iterator[object]:
+    """Opacus' per-sample-gradient hooks on `model` (not wrapped), removed on exit whatever happens."""
+    from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
+
+    if dp.grad_sample_mode == "ghost":
+        hooks = GradSampleHooksFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                    max_grad_norm=dp.max_grad_norm,
+                                                    use_ghost_clipping=True)
+    else:
+        hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean")
+    try:
+        yield hooks
+    finally:
+        hooks.cleanup()
+        # Through `__dict__`: peft wrappers forward attribute look-ups to the module they wrap.
+        for module in model.modules():
+            for attr in _MODULE_STATE:
+                module.__dict__.pop(attr, None)
+        for p in model.parameters():
+            for attr in _PARAM_STATE:
+                p.__dict__.pop(attr, None)
+
+
+def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings, *,
+                 num_examples: int, steps: int, forward: Forward, rng: np.random.Generator,
+                 noise_seed: int) -> list[float]:
+    """`steps` DP-SGD steps on the parameters of `optimizer` (the model's trainable ones).
+
+    `forward` runs the model (in training mode) on a batch of example indices; `rng` draws the
+    Poisson batches and `noise_seed` seeds the noise (unless `dp.secret_noise`). Returns the
+    mean loss of every step's batch, `nan` for a step whose batch was empty (a noise-only step),
+    so the list always has `steps` entries. Plain Python floats; the caller averages with nanmean.
+    """
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"DP-SGD needs at least one example, got num_examples={num_examples!r}")
+    params = _trainable(model, optimizer)
+    device = params[0].device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63) if dp.secret_noise else noise_seed)
+    ghost = dp.grad_sample_mode == "ghost"
+    before = [p.detach().clone() for p in params]
+    data_seen = False
+    losses: list[float] = []
+    with _opacus_hooks(model, dp) as hooks, warnings.catch_warnings():
+        # Frozen embeddings mean the first hooked layer's inputs need no gradient; torch warns,
+        # but the hook still gets the output gradient, which is all Opacus uses.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+        dp_optimizer = (DPOptimizerFastGradientClipping if ghost else DPOptimizer)(
+            optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            # Normalising by the expected batch size q·n keeps the sensitivity of the mean at C/(q·n)
+            # whatever batch was drawn; Opacus rounds it down to an int, we keep it exact.
+            expected_batch_size=dp.sample_rate * num_examples, loss_reduction="mean",
+            generator=generator)
+        # Ghost clipping needs its criterion: it runs both backward passes inside `backward()`.
+        criterion = (DPLossFastGradientClipping(hooks, dp_optimizer, nn.CrossEntropyLoss(), "mean")
+                     if ghost else nn.CrossEntropyLoss())
+        try:
+            for _ in range(steps):
+                dp_optimizer.zero_grad(set_to_none=True)
+                idx = poisson_batch(num_examples, dp.sample_rate, rng)
+                if len(idx) == 0:
+                    # Hand Opacus an empty per-sample set (hooks) or a zero clipped sum (ghost):
+                    # its own step then adds the noise, scales by q·n and steps the optimizer.
+                    for p in params:
+                        if ghost:
+                            p.grad = torch.zeros_like(p)
+                        else:
+                            p.grad_sample = p.new_zeros((0, *p.shape))
+                    dp_optimizer.step()
+                    losses.append(math.nan)
+                    continue
+                logits, labels = forward(idx)
+                loss = criterion(logits, labels)
+                loss.backward()
+                dp_optimizer.step()
+                losses.append(float(loss.detach()))
+                data_seen = True
+        finally:
+            dp_optimizer.zero_grad(set_to_none=True)  # no noisy or per-sample grads left behind
+    moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
+    if steps and (data_seen or dp.noise_multiplier > 0) and not moved:
+        raise RuntimeError(
+            f"DP-SGD took {steps} steps but no trainable parameter changed: the optimizer does not "
+            "update the tensors the model computes with (opacus #820); build the model on its "
+            "device before wrapping it with peft, and the optimizer after both"
+        )
+    return losses

@@ -1,0 +1,41 @@
+"""Resumable sweeps (`fedlora.simulations.sweep`): finished runs are skipped, interrupted ones are
+cleared and run again, and the summary reads only finished runs. Flower itself is replaced by a
+fake that writes what a run would write."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import REPO
+from fedlora.simulations import sweep
+from fedlora.simulations.sweep import SweepRun, finished_rounds, run_sweep, summarize
+
+
+def _write_run(out, rounds: int, last: int, strategy: str = "fedsvd") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps({"strategy": strategy, "seed": 0, "num-server-rounds": rounds,
+                                                     "learning-rate": 1.0}))
+    rows = [{"round": r, "test_accuracy": 0.1 * r, "seconds": 1.0} for r in range(last + 1)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"round": ')  # cut short
+
+
+def test_finished_runs_are_skipped_and_interrupted_ones_rerun(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(app, cfg, n, client_cpus=1, quiet=False):
+        calls.append(cfg.strategy)
+        _write_run(tmp_path / f"{cfg.strategy}-run", cfg.num_server_rounds, cfg.num_server_rounds, cfg.strategy)
+
+    monkeypatch.setattr(sweep, "run_simulation", fake_run)
+    monkeypatch.setattr(sweep, "preflight", lambda cfg, n: None)
+    _write_run(tmp_path / "fedsvd-run", 2, 2)  # finished earlier
+    _write_run(tmp_path / "ffa-run", 2, 1, "ffa")  # killed after round 1
+    (tmp_path / "ffa-run" / "stale.txt").write_text("from the interrupted run")
+    runs = [SweepRun(f"{s}-run", {"strategy": s, "num-server-rounds": 2}) for s in ("fedsvd", "ffa", "fedit")]
+    run_sweep(REPO, runs, tmp_path)
+    assert calls == ["ffa", "fedit"]
+    assert not (tmp_path / "ffa-run" / "stale.txt").exists()
+    assert finished_rounds(tmp_path / "ffa-run") == 2
+    rows = summarize(tmp_path)
+    assert [r["run"] for r in rows] == ["fedit-run", "fedsvd-run", "ffa-run"]
+    assert rows[0]["accuracy_by_round"] == [0.0, 0.1, 0.2] and rows[0]["final_accuracy"] == 0.2
