@@ -178,7 +178,7 @@ def test_fedsa_keeps_each_clients_b_and_exports_its_adapter(tiny_overrides, tmp_
     cfg, init = _init_state(overrides)
     exported = sorted(p.name for p in (out / "adapters").iterdir())
     assert exported == ["0", "1", "2"]
-    b_of = []
+    b_of, a_prev = [], None
     for pid in exported:
         adapter = {k.replace("base_model.model.", ""): v
                    for k, v in load_file(out / "adapters" / pid / "adapter_model.safetensors").items()}
@@ -186,7 +186,7 @@ def test_fedsa_keeps_each_clients_b_and_exports_its_adapter(tiny_overrides, tmp_
         assert all(float(b.abs().max()) > 0 for b in b_of[-1]), "a client's B never trained"
         a = [v for k, v in sorted(adapter.items()) if "lora_A" in k]
         assert len(_adapter_predictions(out, cfg, f"adapters/{pid}")) == 120  # loads with plain peft
-        if len(b_of) > 1:  # one shared A, personal B
+        if a_prev is not None:  # one shared A, personal B
             assert all(torch.equal(x, y) for x, y in zip(a, a_prev))
             assert not all(torch.equal(x, y) for x, y in zip(b_of[-1], b_of[0]))
         a_prev = a
