@@ -434,12 +434,12 @@ def check_targets(fedsvd: list[dict], fair: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     row = _find(fedsvd, m=t["m"], r=t["r"])
     if row:
-        out["fedsvd"] = {"speedup": row["speedup"], "speedup_met": row["speedup"] >= t["speedup"],
-                         "overhead_ms": row["overhead_ms"], "overhead_met": row["overhead_ms"] <= t["overhead_ms"], **t}
+        out["fedsvd"] = {"target": t, "speedup": row["speedup"], "speedup_met": row["speedup"] >= t["speedup"],
+                         "overhead_ms": row["overhead_ms"], "overhead_met": row["overhead_ms"] <= t["overhead_ms"]}
     row = _find(fair, m=f["m"], r=f["r"], K=f["K"])
     if row:
-        out["lorafair"] = {"speedup": row["speedup"], "speedup_met": row["speedup"] >= f["speedup"],
-                           "gram_peak_mib": row["gram_peak_mib"], "matrix_mib": row["matrix_mib"], **f}
+        out["lorafair"] = {"target": f, "speedup": row["speedup"], "speedup_met": row["speedup"] >= f["speedup"],
+                           "gram_peak_mib": row["gram_peak_mib"], "matrix_mib": row["matrix_mib"]}
     return out
 
 
