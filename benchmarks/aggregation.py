@@ -41,6 +41,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import re
 import resource
 import statistics
@@ -316,7 +317,13 @@ def measure(task: Task) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(task, queue))
     proc.start()
-    out = queue.get()
+    while True:  # a child that dies (out of memory, an exception) must not leave us waiting forever
+        try:
+            out = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{task} failed in its process (exit code {proc.exitcode})") from None
     proc.join()
     ms = out["median_ms"]
     log(f"  {task.kind:<11} {task.option:<16} m={task.m:<5} r={task.r:<2} K={task.k:<2} "
