@@ -17,6 +17,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Inherited by every process a test starts (SuperLink, SuperExec, Ray workers): the leftover check
+# of test_end_to_end looks only at processes carrying this tag, so Flower runs outside the tests
+# (a sweep in another terminal) are neither blamed nor touched.
+TEST_TAG = f"FEDLORA_TEST_SESSION={os.getpid()}"
+os.environ["FEDLORA_TEST_SESSION"] = str(os.getpid())
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = {"neg": "bad awful terrible sad poor", "neu": "table chair window door floor",
@@ -60,8 +65,9 @@ def tiny_csv(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_overrides(tiny_model_dir, tiny_csv) -> dict:
-    """Run-config overrides for a seconds-long run on the tiny model and data."""
-    return {"model": str(tiny_model_dir), "dataset": str(tiny_csv), "test-size": 120,
+    """Run-config overrides for a seconds-long run on the tiny model and data (non-private unless a
+    test sets dp: the DP tests say so)."""
+    return {"dp": False, "model": str(tiny_model_dir), "dataset": str(tiny_csv), "test-size": 120,
             "clients-per-round": 3, "num-server-rounds": 2, "local-steps": 5, "batch-size": 16,
             "min-partition-size": 20, "max-length": 16, "learning-rate": 0.5}
 

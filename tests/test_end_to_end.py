@@ -10,12 +10,13 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import fedlora_run
+from conftest import TEST_TAG, fedlora_run
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +26,19 @@ ROUND_KEYS = {"round", "strategy", "test_accuracy", "test_loss", "train_loss", "
               "bytes_up", "bytes_down", "seconds"}
 
 
+def _started_by_these_tests(pid: str) -> bool:
+    try:
+        return TEST_TAG.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone already, or not ours to read
+        return False
+
+
 def _flower_pids() -> set[str]:
-    """Live Flower processes (zombies awaiting their reaper are not running)."""
+    """Live Flower processes started by this test session (zombies awaiting their reaper are not running)."""
     res = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True)
     rows = (line.split(None, 2) for line in res.stdout.splitlines())
     return {pid for pid, stat, args in (r for r in rows if len(r) == 3)
-            if not stat.startswith("Z") and re.search(FLOWER_PROCS, args)}
+            if not stat.startswith("Z") and re.search(FLOWER_PROCS, args) and _started_by_these_tests(pid)}
 
 
 @pytest.fixture(autouse=True)
