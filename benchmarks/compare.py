@@ -2,7 +2,10 @@
 run as resumable sweeps (`fedlora.simulations.sweep`): start the same command again after an
 interruption and finished runs are skipped.
 
-    python benchmarks/compare.py strategies   # every strategy, non-private, 10 rounds, 5 of 10 clients
+    python benchmarks/compare.py strategies               # every strategy, non-private, seed 0
+    python benchmarks/compare.py privacy --seeds 0,1      # FedSVD, FFA-LoRA, FedIT under DP at ε = 3 and 6
+
+Both: 10 rounds, 5 of 10 clients per round.
 
 Runs go to outputs/compare-<preset>/ (git-ignored, so never packed into the Flower app);
 the summary to benchmarks/results/compare-<preset>.json, a plot next to it, and a markdown table
@@ -36,24 +39,62 @@ def strategies_preset(seeds: list[int]) -> list[SweepRun]:
             for seed in seeds for name in names]
 
 
-PRESETS = {"strategies": strategies_preset}
+# The seeds' claim (FedSVD paper): under DP-SGD, FedSVD's B-only training with an orthonormal A
+# loses less than FFA-LoRA (B-only, fixed random A) and FedIT (A and B, noise in both factors).
+PRIVATE = ["fedsvd", "ffa", "fedit"]
+EPSILONS = [3.0, 6.0]
+
+
+def privacy_preset(seeds: list[int]) -> list[SweepRun]:
+    """FedSVD vs FFA-LoRA vs FedIT under DP-SGD at each ε (δ = 1e-5, each client's budget planned for
+    all 10 rounds), every strategy at its default learning rate."""
+    return [SweepRun(f"{name}-eps{eps:g}-seed{seed}", {**COMMON, "strategy": name, "seed": seed, "dp": True,
+                                                        "target-epsilon": eps})
+            for seed in seeds for eps in EPSILONS for name in PRIVATE]
+
+
+PRESETS = {"strategies": strategies_preset, "privacy": privacy_preset}
+
+
+def _budget(row: dict) -> str:
+    return f"ε = {row['target_epsilon']:g}" if row["dp"] else "non-private"
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
+    """Test accuracy per round, one panel per privacy budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        ax.plot(range(len(row["accuracy_by_round"])), row["accuracy_by_round"], marker="o", ms=3, label=row["run"])
-    ax.set(xlabel="round", ylabel="test accuracy", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    budgets = sorted({_budget(r) for r in rows})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4), sharey=True, squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for row in (r for r in rows if _budget(r) == budget):
+            ax.plot(row["evaluated_rounds"], row["accuracy_by_round"], marker="o", ms=3, label=row["run"])
+        ax.set(xlabel="round", title=budget)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def mean_table(rows: list[dict]) -> str:
+    """Final test accuracy per strategy and budget: the mean over seeds, and each seed's value."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["strategy"], _budget(row)), []).append(row)
+    out = ["| strategy | budget | seeds | mean final acc | per seed | ε spent (max over clients) |",
+           "|---|---|---:|---:|---|---|"]
+    for (strategy, budget), group in sorted(groups.items(), key=lambda kv: (kv[0][1], ORDER.index(kv[0][0]))):
+        accs = [r["final_accuracy"] for r in group]
+        spent = ", ".join(f"{r['epsilon_max']:.2f}" for r in group) if group[0]["dp"] else ""
+        out.append(f"| {strategy} | {budget} | {len(group)} | {sum(accs) / len(accs):.3f} | "
+                   f"{', '.join(f'{a:.3f}' for a in accs)} | {spent} |")
+    return "\n".join(out)
 
 
 def main() -> int:
@@ -74,13 +115,15 @@ def main() -> int:
         "date": dt.date.today().isoformat(), "settings": COMMON, "runs": rows}, indent=2) + "\n")
     if rows:
         _plot(rows, results / f"compare-{args.preset}.png", f"{args.preset}: test accuracy per round")
-    print("| run | strategy | lr | final acc | best acc | personalised acc | MB up | MB down | wall |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | strategy | lr | budget | final acc | best acc | personalised acc | MB up | MB down | wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pers = f"{r['personalized_accuracy']:.3f}" if "personalized_accuracy" in r else ""
-        print(f"| {r['run']} | {r['strategy']} | {r['learning_rate']} | {r['final_accuracy']:.3f} | "
+        print(f"| {r['run']} | {r['strategy']} | {r['learning_rate']} | {_budget(r)} | {r['final_accuracy']:.3f} | "
               f"{r['best_accuracy']:.3f} | {pers} | {r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} | "
               f"{r['seconds'] / 60:.1f} min |")
+    if rows:
+        print("\n" + mean_table(rows))
     missing = len(runs) - len(rows)
     if missing:
         print(f"\n{missing} of {len(runs)} runs not finished yet", file=sys.stderr)

@@ -73,7 +73,7 @@ class RunConfig:
     learning_rate: float | None = None  # "auto" in the run config: the strategy's default
     max_grad_norm: float = 1.0
     # differential privacy: DP-SGD on every client, per-client budget ledger (fedlora.privacy)
-    dp: bool = False
+    dp: bool = True
     target_epsilon: float = 6.0
     target_delta: float = 1e-5
     accountant: str = "prv"
@@ -201,7 +201,7 @@ class RunConfig:
         if self.dp and self.evaluate_on != "server":
             raise ConfigError(f"dp=true with evaluate-on={self.evaluate_on!r}: client-side evaluation releases "
                               "statistics of the clients' local data that DP-SGD does not cover; evaluate on "
-                              "the server (strategy 'fedsa' has no global model, so it cannot run under dp)")
+                              "the server, or set dp=false (strategy 'fedsa' has no global model, so it cannot run under dp)")
         check_ranks(self.strategy, self.rank_list)
         if method.personalized and self.evaluate_on != "clients":
             raise ConfigError(f"strategy={self.strategy!r} keeps each client's B on the client, so only clients "

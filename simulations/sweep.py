@@ -96,7 +96,11 @@ def summarize(root: Path) -> list[dict[str, Any]]:
             "final_loss": rows[-1].get("test_loss"),
             **({"personalized_accuracy": rows[-1]["personalized_accuracy"]}
                if "personalized_accuracy" in rows[-1] else {}),
+            "dp": bool(cfg.get("dp")),
+            **({"target_epsilon": cfg["target-epsilon"], "epsilon_max": rows[-1].get("epsilon_max"),
+                "epsilon_mean": rows[-1].get("epsilon_mean")} if cfg.get("dp") else {}),
             "accuracy_by_round": acc,
+            "evaluated_rounds": [r["round"] for r in rows if "test_accuracy" in r],  # fedsa: the last only
             "bytes_up": sum(r.get("bytes_up", 0) for r in rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
             "seconds": sum(r.get("seconds", 0.0) for r in rows),

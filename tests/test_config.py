@@ -29,9 +29,10 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     ("fedex", 0.3, "server"), ("flora", 0.3, "server"), ("flexlora", 0.3, "server"), ("fedsa", 0.3, "clients"),
 ])
 def test_auto_values_come_from_the_strategy_and_explicit_ones_win(strategy, lr, evaluate_on):
-    cfg = RunConfig.from_run_config({"strategy": strategy, "learning-rate": AUTO, "evaluate-on": AUTO})
+    # non-private: fedsa's client-side evaluation cannot run under the default dp=true
+    cfg = RunConfig.from_run_config({"strategy": strategy, "learning-rate": AUTO, "evaluate-on": AUTO, "dp": False})
     assert (cfg.learning_rate, cfg.evaluate_on) == (lr, evaluate_on)
-    assert RunConfig.from_run_config({"strategy": strategy, "learning-rate": 0.05}).learning_rate == 0.05
+    assert RunConfig.from_run_config({"strategy": strategy, "learning-rate": 0.05, "dp": False}).learning_rate == 0.05
 
 
 def test_fedsa_can_only_be_evaluated_by_clients():
@@ -70,7 +71,7 @@ def test_mixed_ranks_need_a_strategy_that_aggregates_them():
     ({"output-dir": "relative/path"}, "must be an absolute path"),
     ({"learning-rate": float("nan")}, "learning-rate=nan must be a finite number"),
     ({"round-timeout": float("inf")}, "round-timeout=inf must be a finite number"),
-    ({"evaluate-on": "clients", "local-test-fraction": 0.0}, "needs local-test-fraction > 0"),
+    ({"evaluate-on": "clients", "local-test-fraction": 0.0, "dp": False}, "needs local-test-fraction > 0"),
     ({"lora-rnak": 8}, "unknown run-config key(s) ['lora-rnak']"),
 ])
 def test_bad_values_name_the_key(overrides, message):
@@ -165,6 +166,7 @@ def test_fedlora_run_rejects_bad_input_before_starting_anything(tiny_overrides, 
     ({"dp": True, "max-grad-norm": 0.0}, "per-sample clipping bound C"),
     ({"dp": True, "evaluate-on": "both"}, "client-side evaluation releases statistics"),
     ({"dp": True, "strategy": "fedsa"}, "'fedsa' has no global model"),
+    ({"strategy": "fedsa"}, "or set dp=false"),  # the default job is private
     ({"target-delta": 1.0}, "target-delta=1.0 must be in (0, 1)"),
     ({"target-epsilon": 0.0}, "target-epsilon=0.0 must be > 0"),
     ({"accountant": "gdp"}, "accountant='gdp' is not allowed; choose one of ['prv', 'rdp']"),

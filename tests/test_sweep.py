@@ -39,3 +39,17 @@ def test_finished_runs_are_skipped_and_interrupted_ones_rerun(tmp_path, monkeypa
     rows = summarize(tmp_path)
     assert [r["run"] for r in rows] == ["fedit-run", "fedsvd-run", "ffa-run"]
     assert rows[0]["accuracy_by_round"] == [0.0, 0.1, 0.2] and rows[0]["final_accuracy"] == 0.2
+    assert rows[0]["evaluated_rounds"] == [0, 1, 2]
+
+
+def test_the_summary_carries_each_private_runs_budget_and_spend(tmp_path):
+    _write_run(tmp_path / "plain", 2, 2)
+    out = tmp_path / "private"
+    _write_run(out, 2, 2)
+    (out / "run_config.json").write_text(json.dumps({"strategy": "fedsvd", "seed": 1, "num-server-rounds": 2,
+                                                     "learning-rate": 1.0, "dp": True, "target-epsilon": 3.0}))
+    rows = [{"round": r, "test_accuracy": 0.5, "epsilon_max": 1.5 * r, "epsilon_mean": r} for r in range(3)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain, private = summarize(tmp_path)
+    assert not plain["dp"] and "target_epsilon" not in plain
+    assert private["dp"] and (private["target_epsilon"], private["epsilon_max"], private["epsilon_mean"]) == (3.0, 3.0, 2)
