@@ -56,7 +56,7 @@ import torch
 
 from fedlora.strategies import available_strategies, get_method, normalized_weights, refactorize, weighted_average
 
-__all__ = ["cpu_model", "log", "machine_info", "time_ms"]
+__all__ = ["cpu_model", "in_fresh_process", "log", "machine_info", "time_ms"]
 
 THREADS = 2
 SIZES = (1024, 4096, 8192)
@@ -222,20 +222,10 @@ def _fair_inputs(task: Task):
     return _inputs(task.m, task.r, task.k)
 
 
-def _gram_solver(bs, as_, w, steps: int) -> torch.Tensor:
-    """What `lorafair` runs (Gram form), without early stopping so both solvers take `steps` steps."""
-    from lorafair import LAM, LR
-
-    from fedlora.strategies.lorafair import FairProblem, fair_correction
-
-    problem = FairProblem.build([{"l.lora_A": a, "l.lora_B": b} for b, a in zip(bs, as_)], "l", w)
-    return problem.b_bar + fair_correction(problem, LAM, steps, LR, tol=float("-inf"))
-
-
 def _setup_fair(task: Task) -> Callable[[], object]:
-    from lorafair import _dense_solver
+    from lorafair import dense_solver, gram_solver
 
-    solver = _gram_solver if task.kind == "fair-gram" else _dense_solver
+    solver = gram_solver if task.kind == "fair-gram" else dense_solver
     bs, as_, w = _fair_inputs(task)
     return lambda: solver(bs, as_, w, FAIR_STEPS)
 
@@ -272,10 +262,9 @@ def first_call(fn: Callable[[], object]) -> tuple[object, float, float, str]:
 
 
 def _cosines(task: Task, b_new: torch.Tensor) -> dict[str, float]:
-    from fedlora.strategies.lorafair import FairProblem
+    from lorafair import fair_problem
 
-    bs, as_, w = _fair_inputs(task)
-    problem = FairProblem.build([{"l.lora_A": a, "l.lora_B": b} for b, a in zip(bs, as_)], "l", w)
+    problem = fair_problem(*_fair_inputs(task))
     return {"cos_before": problem.cosine(problem.b_bar), "cos_after": problem.cosine(b_new)}
 
 
@@ -312,10 +301,12 @@ def _child(task: Task, queue) -> None:
                "loadavg_1min": os.getloadavg()[0]})
 
 
-def measure(task: Task) -> dict:
-    ctx = mp.get_context("forkserver")
+def in_fresh_process(target: Callable[..., None], *args, start_method: str = "spawn") -> dict:
+    """`target(*args, queue)` in a new process; returns what it put on the queue. (Shared by the
+    benchmark scripts: a measurement in a fresh process is not skewed by an earlier one's memory.)"""
+    ctx = mp.get_context(start_method)
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(task, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     while True:  # a child that dies (out of memory, an exception) must not leave us waiting forever
         try:
@@ -323,8 +314,13 @@ def measure(task: Task) -> dict:
             break
         except queue_module.Empty:
             if not proc.is_alive():
-                raise RuntimeError(f"{task} failed in its process (exit code {proc.exitcode})") from None
+                raise RuntimeError(f"{target.__name__}{args} failed in its process (exit code {proc.exitcode})") from None
     proc.join()
+    return out
+
+
+def measure(task: Task) -> dict:
+    out = in_fresh_process(_child, task, start_method="forkserver")
     ms = out["median_ms"]
     log(f"  {task.kind:<11} {task.option:<16} m={task.m:<5} r={task.r:<2} K={task.k:<2} "
         f"{ms:10.2f} ms  peak +{out['peak_extra_mib']:.1f} MiB  (×{out['repeats']})")

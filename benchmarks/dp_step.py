@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import multiprocessing as mp
 import os
 import resource
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregation import log, machine_info  # benchmarks/aggregation.py
+from aggregation import in_fresh_process, log, machine_info  # benchmarks/aggregation.py
 
 MODES = ("non-private", "hooks", "ghost")
 TRAINABLE = ("B+head", "A+B+head")
@@ -101,16 +100,6 @@ def _memory_child(trainable: str, mode: str, steps: int, queue) -> None:
     queue.put({"peak_rss_mib": peak_kib / 1024, "peak_after_warmup_extra_mib": (peak_kib - base_kib) / 1024})
 
 
-def _in_fresh_process(target, *args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B+head only, 2 rounds")
@@ -127,13 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for trainable in trainables:
         log(f"[{trainable}] timing {', '.join(MODES)}: {rounds} rounds of {args.steps} steps each ...")
-        timing = _in_fresh_process(_time_child, trainable, args.steps, rounds)
+        timing = in_fresh_process(_time_child, trainable, args.steps, rounds)
         best = {m: min(timing["step_ms"][m]) for m in MODES}
         log("    " + ", ".join(f"{m} {best[m]:.0f} ms/step" for m in MODES))
         memory = {}
         for mode in MODES:
             log(f"[{trainable}] peak memory of {mode} alone ...")
-            memory[mode] = _in_fresh_process(_memory_child, trainable, mode, args.steps)
+            memory[mode] = in_fresh_process(_memory_child, trainable, mode, args.steps)
             log(f"    {memory[mode]['peak_rss_mib']:.0f} MiB")
         rows.append({
             "trainable": trainable, "trainable_params": timing["trainable_params"],

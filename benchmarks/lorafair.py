@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import multiprocessing as mp
 import resource
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from aggregation import log, machine_info  # benchmarks/aggregation.py
+from aggregation import in_fresh_process, log, machine_info  # benchmarks/aggregation.py
 
 from fedlora.strategies import normalized_weights
 from fedlora.strategies.lorafair import FairProblem, fair_correction
@@ -43,7 +42,7 @@ def _inputs(m: int, r: int, k: int):
     return bs, as_, normalized_weights(list(range(100, 100 + 37 * k, 37)))
 
 
-def _dense_solver(bs, as_, w, steps: int) -> torch.Tensor:
+def dense_solver(bs, as_, w, steps: int) -> torch.Tensor:
     """The textbook implementation: everything on m×n matrices, gradients by autograd."""
     dw = sum(p * b @ a for p, b, a in zip(w, bs, as_))
     b_bar = sum(p * b for p, b in zip(w, bs))
@@ -63,14 +62,20 @@ def _dense_solver(bs, as_, w, steps: int) -> torch.Tensor:
     return b_bar + rms * x.detach()
 
 
-def _gram_solver(bs, as_, w, steps: int) -> torch.Tensor:
-    problem = FairProblem.build(bs, as_, w)
+def fair_problem(bs, as_, w) -> FairProblem:
+    """The one-layer problem that `lorafair` builds from these clients' factors."""
+    return FairProblem.build([{"l.lora_A": a, "l.lora_B": b} for b, a in zip(bs, as_)], "l", w)
+
+
+def gram_solver(bs, as_, w, steps: int) -> torch.Tensor:
+    """What `lorafair` runs (Gram form), without early stopping so both solvers take `steps` steps."""
+    problem = fair_problem(bs, as_, w)
     return problem.b_bar + fair_correction(problem, LAM, steps, LR, tol=float("-inf"))
 
 
 def _child(kind: str, m: int, r: int, k: int, steps: int, queue) -> None:
     torch.set_num_threads(2)
-    solver = _gram_solver if kind == "gram" else _dense_solver
+    solver = gram_solver if kind == "gram" else dense_solver
     solver(*_inputs(64, r, k), steps)  # warm-up: first-call costs (imports, kernels) are not the solver's
     bs, as_, w = _inputs(m, r, k)
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -78,19 +83,13 @@ def _child(kind: str, m: int, r: int, k: int, steps: int, queue) -> None:
     b_new = solver(bs, as_, w, steps)
     seconds = time.perf_counter() - t0
     peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024
-    problem = FairProblem.build(bs, as_, w)
+    problem = fair_problem(bs, as_, w)
     queue.put({"seconds": seconds, "peak_extra_mib": peak_mib,
                "cos_before": problem.cosine(problem.b_bar), "cos_after": problem.cosine(b_new)})
 
 
 def run(kind: str, m: int, r: int, k: int, steps: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, m, r, k, steps, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    return out
+    return in_fresh_process(_child, kind, m, r, k, steps)
 
 
 def main(argv: list[str] | None = None) -> None:
