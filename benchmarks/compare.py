@@ -68,10 +68,14 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     budgets = sorted({_budget(r) for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    colors = plt.get_cmap("tab10").colors  # one colour per strategy, one line style per seed
     fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4), sharey=True, squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for row in (r for r in rows if _budget(r) == budget):
-            ax.plot(row["evaluated_rounds"], row["accuracy_by_round"], marker="o", ms=3, label=row["run"])
+            ax.plot(row["evaluated_rounds"], row["accuracy_by_round"], marker="o", ms=3, label=row["run"],
+                    color=colors[ORDER.index(row["strategy"]) % len(colors)],
+                    linestyle=("-", "--", ":", "-.")[seeds.index(row["seed"]) % 4])
         ax.set(xlabel="round", title=budget)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
@@ -82,18 +86,28 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+LAST = 3  # with half the clients per round the last round alone swings by points: also average the last rounds
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def mean_table(rows: list[dict]) -> str:
-    """Final test accuracy per strategy and budget: the mean over seeds, and each seed's value."""
+    """Test accuracy per strategy and budget over seeds: the final round's and the mean of the last
+    LAST evaluated rounds (mean over seeds, then each seed's), and the ε each run spent."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["strategy"], _budget(row)), []).append(row)
-    out = ["| strategy | budget | seeds | mean final acc | per seed | ε spent (max over clients) |",
-           "|---|---|---:|---:|---|---|"]
+    out = [f"| strategy | budget | seeds | final acc: mean (per seed) | last {LAST} rounds: mean (per seed) "
+           "| ε spent, max over clients (per seed) |",
+           "|---|---|---:|---|---|---|"]
     for (strategy, budget), group in sorted(groups.items(), key=lambda kv: (kv[0][1], ORDER.index(kv[0][0]))):
-        accs = [r["final_accuracy"] for r in group]
+        final = [r["final_accuracy"] for r in group]
+        last = [_mean(r["accuracy_by_round"][-LAST:]) for r in group]
         spent = ", ".join(f"{r['epsilon_max']:.2f}" for r in group) if group[0]["dp"] else ""
-        out.append(f"| {strategy} | {budget} | {len(group)} | {sum(accs) / len(accs):.3f} | "
-                   f"{', '.join(f'{a:.3f}' for a in accs)} | {spent} |")
+        out.append(f"| {strategy} | {budget} | {len(group)} | {_mean(final):.3f} ({', '.join(f'{a:.3f}' for a in final)}) "
+                   f"| {_mean(last):.3f} ({', '.join(f'{a:.3f}' for a in last)}) | {spent} |")
     return "\n".join(out)
 
 
