@@ -54,6 +54,20 @@ def test_mixed_ranks_need_a_strategy_that_aggregates_them():
             RunConfig.from_run_config({"strategy": "flora", "lora-ranks": bad})
 
 
+BAD_PRIVACY = [  # the DP keys and how they combine with the rest
+    ({"dp": "yes"}, "dp='yes' must be true or false"),
+    ({"dp": True, "max-grad-norm": 0.0}, "per-sample clipping bound C"),
+    ({"dp": True, "evaluate-on": "both"}, "client-side evaluation releases statistics"),
+    ({"dp": True, "strategy": "fedsa"}, "'fedsa' has no global model"),
+    ({"strategy": "fedsa"}, "or set dp=false"),  # the default job is private
+    ({"target-delta": 1.0}, "target-delta=1.0 must be in (0, 1)"),
+    ({"target-epsilon": 0.0}, "target-epsilon=0.0 must be > 0"),
+    ({"accountant": "gdp"}, "accountant='gdp' is not allowed; choose one of ['prv', 'rdp']"),
+    ({"grad-sample-mode": "ew"}, "choose one of ['hooks', 'ghost']"),
+    ({"dp-max-participations": 0}, "dp-max-participations=0 must be > 0"),
+]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"strategy": "fedavgx"}, "strategy='fedavgx' is not allowed; choose one of ['fedex', 'fedit', 'fedsa', "
                               "'fedsvd', 'ffa', 'flexlora', 'flora', 'lorafair']"),
@@ -73,7 +87,7 @@ def test_mixed_ranks_need_a_strategy_that_aggregates_them():
     ({"round-timeout": float("inf")}, "round-timeout=inf must be a finite number"),
     ({"evaluate-on": "clients", "local-test-fraction": 0.0, "dp": False}, "needs local-test-fraction > 0"),
     ({"lora-rnak": 8}, "unknown run-config key(s) ['lora-rnak']"),
-])
+] + BAD_PRIVACY)
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_run_config(overrides)
@@ -159,24 +173,6 @@ def test_fedlora_run_rejects_bad_input_before_starting_anything(tiny_overrides, 
     res = fedlora_run({**tiny_overrides, "clients-per-round": 4}, num_supernodes=3)
     assert res.returncode == 2 and "clients-per-round=4 is larger" in res.stderr
     assert time.monotonic() - start < 120  # no hang: no SuperLink was started
-
-
-@pytest.mark.parametrize("overrides, message", [
-    ({"dp": "yes"}, "dp='yes' must be true or false"),
-    ({"dp": True, "max-grad-norm": 0.0}, "per-sample clipping bound C"),
-    ({"dp": True, "evaluate-on": "both"}, "client-side evaluation releases statistics"),
-    ({"dp": True, "strategy": "fedsa"}, "'fedsa' has no global model"),
-    ({"strategy": "fedsa"}, "or set dp=false"),  # the default job is private
-    ({"target-delta": 1.0}, "target-delta=1.0 must be in (0, 1)"),
-    ({"target-epsilon": 0.0}, "target-epsilon=0.0 must be > 0"),
-    ({"accountant": "gdp"}, "accountant='gdp' is not allowed; choose one of ['prv', 'rdp']"),
-    ({"grad-sample-mode": "ew"}, "choose one of ['hooks', 'ghost']"),
-    ({"dp-max-participations": 0}, "dp-max-participations=0 must be > 0"),
-])
-def test_bad_privacy_settings_name_the_key(overrides, message):
-    with pytest.raises(ConfigError) as err:
-        RunConfig.from_run_config(overrides)
-    assert message in str(err.value)
 
 
 def test_dp_max_participations_defaults_to_the_number_of_rounds():
