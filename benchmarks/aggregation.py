@@ -89,16 +89,26 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, object]:
-    return {
+    """The machine this process runs on and its software, for every benchmark's results file (the
+    thread count each script sets is a setting and goes with its settings)."""
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (AttributeError, ValueError, OSError):  # no POSIX sysconf
+        memory_gib = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    info: dict[str, object] = {
         "cpu_model": cpu_model(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": THREADS,
+        "memory_gib": memory_gib,
+        "gpu": ", ".join(gpus) or "no GPU",
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "loadavg_1_5_15_at_start": list(os.getloadavg()),
     }
+    info["description"] = f"{info['cpu_model']}, {info['cpu_count']} cores, {memory_gib} GiB RAM, {info['gpu']}"
+    return info
 
 
 def time_ms(fn: Callable[[], object], *, warmup: int, min_repeats: int, max_repeats: int, budget_s: float) -> dict:
@@ -454,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sizes = (1024,) if args.quick else SIZES
     machine = machine_info()
-    log(f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {torch.__version__}, {THREADS} threads, "
+    log(f"machine: {machine['description']}, torch {torch.__version__}, {THREADS} threads, "
         f"load {os.getloadavg()[0]:.2f}")
     mp.set_forkserver_preload(["torch", "fedlora.strategies", "fedlora.strategies.lorafair"])
     started = time.perf_counter()

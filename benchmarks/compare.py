@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 from pathlib import Path
+
+from aggregation import machine_info  # benchmarks/aggregation.py
 
 from fedlora.simulations.sweep import SweepRun, run_sweep, summarize
 from fedlora.strategies import available_strategies
@@ -111,6 +112,12 @@ def mean_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def summary(rows: list[dict]) -> dict:
+    """The summary file: the machine that writes it (a resumed sweep's earlier runs may have run on
+    another), the date, the shared settings and the runs."""
+    return {"machine": machine_info(), "date": dt.date.today().isoformat(), "settings": COMMON, "runs": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", choices=sorted(PRESETS))
@@ -124,9 +131,7 @@ def main() -> int:
         run_sweep(REPO, runs, root)
     rows = [r for r in summarize(root) if r["run"] in {run.name for run in runs}]
     results = REPO / "benchmarks" / "results"
-    (results / f"compare-{args.preset}.json").write_text(json.dumps({
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2-core VM, no GPU",
-        "date": dt.date.today().isoformat(), "settings": COMMON, "runs": rows}, indent=2) + "\n")
+    (results / f"compare-{args.preset}.json").write_text(json.dumps(summary(rows), indent=2) + "\n")
     if rows:
         _plot(rows, results / f"compare-{args.preset}.png", f"{args.preset}: test accuracy per round")
     print("| run | strategy | lr | budget | final acc | best acc | personalised acc | MB up | MB down | wall |")

@@ -4,7 +4,7 @@ For one layer with m = n ∈ {1024, 4096}, r ∈ {8, 16}, K ∈ {3, 10} clients 
 
   gram   `FairProblem.build` (r×r and m×r matrices only) + `fair_correction` for STEPS Adam steps;
   dense  ΔW = Σ p_k B_k A_k formed as an m×n matrix, then the same Adam schedule on ΔB with the loss
-         1 − cos(ΔW, (B̄+ΔB)Ā) + λ‖ΔB‖² evaluated on m×n matrices and differentiated by autograd.
+         1 − cos(ΔW, (B̄+ΔB)Ā) + λ‖ΔB‖²/‖B̄‖² evaluated on m×n matrices and differentiated by autograd.
 
 Each solver runs in a fresh process so that its peak resident memory (ru_maxrss above the inputs)
 is its own. Target (issue 4): ≥ 100× at 4096², r = 16, K = 10, and peak memory far below one m×n
@@ -54,7 +54,7 @@ def dense_solver(bs, as_, w, steps: int) -> torch.Tensor:
     for _ in range(steps):
         delta = rms * x
         prod = (b_bar + delta) @ a_bar
-        loss = 1 - (prod * dw).sum() / (prod.norm() * dw.norm()) + LAM * (delta * delta).sum()
+        loss = 1 - (prod * dw).sum() / (prod.norm() * dw.norm()) + LAM * (delta * delta).sum() / b_bar.pow(2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -72,9 +72,13 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, ModelBundle, Clie
     bundle = _bundle(cfg.replace(lora_rank=rank))
     received = from_record(msg.content["arrays"])
     # What the server did not send this time (FFA's fixed A, FedSA's own B) comes from the node's
-    # copy; the base-weight change is never kept: every message carries the whole of it.
+    # copy; the base-weight change is never kept: every message carries the whole of it. A
+    # sent-once or personal factor the node already holds is never overwritten: the server resends
+    # it until it has seen a reply, and FedSA's resent initial B must not replace the client's own.
     kept = from_record(context.state[_KEPT]) if _KEPT in context.state else {}
-    kept.update({k: v for k, v in received.items() if not is_delta_key(k)})
+    once = get_method(cfg.strategy).sent_once
+    kept.update({k: v for k, v in received.items()
+                 if not is_delta_key(k) and not (once and k.endswith(once) and k in kept)})
     missing = sorted(set(bundle.params) - set(kept))
     if missing:
         raise RuntimeError(f"client {pid} has no value for {missing[:3]}... (the server sends "
@@ -137,7 +141,7 @@ def _dp_settings(cfg: RunConfig, num_examples: int) -> DPSettings:
     q = sample_rate(num_examples, cfg.batch_size)
     sigma = _noise_multiplier(cfg.target_epsilon, cfg.target_delta, q,
                               cfg.dp_max_participations * cfg.local_steps, cfg.accountant)
-    return DPSettings(sigma, cfg.max_grad_norm, q, cfg.grad_sample_mode, secret_noise=not cfg.dp_seeded_noise)
+    return DPSettings(sigma, cfg.max_grad_norm, q, cfg.grad_sample_mode, reproducible=cfg.dp_reproducible)
 
 
 def _ledger(cfg: RunConfig, context: Context, pid: int) -> tuple[PrivacyLedger, Path]:

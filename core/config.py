@@ -63,7 +63,7 @@ class RunConfig:
     test_size: int = 2000
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
-    min_partition_size: int = 10
+    min_partition_size: int | None = None  # "auto": the partitioner's own rule
     classes_per_client: int = 2
     local_test_fraction: float = 0.2
     # local training
@@ -79,7 +79,7 @@ class RunConfig:
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"
     dp_max_participations: int | None = None  # "auto": num-server-rounds
-    dp_seeded_noise: bool = False  # reproducible noise; anyone knowing `seed` can remove it
+    dp_reproducible: bool = False  # batches and noise from `seed`: no guarantee against whoever knows it
     # strategy options
     fair_lambda: float = 0.01
     fair_steps: int = 500
@@ -96,6 +96,9 @@ class RunConfig:
         Unknown keys are an error (a typo must not silently fall back to a default).
         """
         known = {_key(f.name): f for f in dataclasses.fields(cls)}
+        for old, (new, why) in _RENAMED.items():
+            if old in run_config:
+                raise ConfigError(f"run-config key {old!r} was renamed: use {new!r} ({why})")
         unknown = sorted(set(run_config) - set(known))
         if unknown:
             raise ConfigError(
@@ -128,8 +131,10 @@ class RunConfig:
             object.__setattr__(self, "dp_max_participations", self.num_server_rounds)
 
     def to_run_config(self) -> dict[str, Any]:
-        """The kebab-case dict Flower expects (inverse of `from_run_config`)."""
-        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The kebab-case dict Flower expects (inverse of `from_run_config`); a value still left to
+        its default rule (None) is written as "auto": TOML has no null."""
+        return {_key(f.name): AUTO if getattr(self, f.name) is None else getattr(self, f.name)
+                for f in dataclasses.fields(self)}
 
     def replace(self, **changes: Any) -> RunConfig:
         """A validated copy with some fields changed."""
@@ -192,7 +197,8 @@ class RunConfig:
             positive(key, getattr(self, key.replace("-", "_")))
         positive("max-grad-norm", self.max_grad_norm, zero_ok=True)
         positive("fair-lambda", self.fair_lambda, zero_ok=True)
-        positive("min-partition-size", self.min_partition_size, zero_ok=True)
+        if self.min_partition_size is not None:
+            positive("min-partition-size", self.min_partition_size, zero_ok=True)
         positive("seed", self.seed, zero_ok=True)
         if not 0.0 < self.target_delta < 1.0:
             raise ConfigError(f"target-delta={self.target_delta!r} must be in (0, 1)")
@@ -246,7 +252,9 @@ def check_ranks(strategy: str, ranks: list[int]) -> None:
                           f"use one rank, or one of {able}")
 
 
-_AUTO_KEYS = ("learning-rate", "evaluate-on", "dp-max-participations")
+_AUTO_KEYS = ("learning-rate", "evaluate-on", "dp-max-participations", "min-partition-size")
+#: keys of earlier versions -> their replacement (an old config must fail loudly, not be ignored)
+_RENAMED = {"dp-seeded-noise": ("dp-reproducible", "one switch for both the DP batch sampling and the noise; tests only")}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

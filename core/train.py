@@ -43,7 +43,9 @@ def train_local(bundle: ModelBundle, data: TextData, cfg: RunConfig, trainable: 
     unless it is 0. With `dp`, DP-SGD (`fedlora.privacy.dpsgd`): Poisson batches at rate
     `dp.sample_rate`, per-sample clipping and noise instead of the global clip; the loss of a
     step whose Poisson batch was empty (a noise-only step) is `nan`, so there is still one loss
-    per step. Dropout, batches and noise all follow from `seed`.
+    per step. Dropout masks and the non-private batches follow from `seed`; the DP batches and
+    noise are secret unless `dp.reproducible` (dropout is data-independent: knowing its masks
+    does not weaken the guarantee).
     """
     device = next(bundle.model.parameters()).device
     params = [bundle.params[k] for k in trainable]
@@ -53,10 +55,7 @@ def train_local(bundle: ModelBundle, data: TextData, cfg: RunConfig, trainable: 
         p.requires_grad_(True)
     opt_cls = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam
     optimizer = opt_cls(params, lr=cfg.learning_rate)
-    # The first word seeds dropout (as it always has); the second the DP noise.
-    dropout_seed, noise_seed = np.random.SeedSequence(list(seed)).generate_state(2)
-    torch.manual_seed(int(dropout_seed))
-    rng = np.random.default_rng(list(seed))
+    torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))  # dropout
     labels = torch.as_tensor(data.labels, device=device)
 
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +70,8 @@ def train_local(bundle: ModelBundle, data: TextData, cfg: RunConfig, trainable: 
             )
 
             return dp_sgd_steps(bundle.model, optimizer, dp, num_examples=len(data),
-                                steps=cfg.local_steps, forward=forward, rng=rng,
-                                noise_seed=int(noise_seed))
-        batches = _batches(len(data), cfg.batch_size, rng)
+                                steps=cfg.local_steps, forward=forward, seed=seed)
+        batches = _batches(len(data), cfg.batch_size, np.random.default_rng(list(seed)))
         losses = []
         for _ in range(cfg.local_steps):
             loss = F.cross_entropy(*forward(next(batches)))

@@ -2,8 +2,9 @@
 
 `accounting`: sampling rate, noise calibration, ε of a step history and the per-client ledger;
 `dpsgd`: the DP-SGD local steps (Poisson batches, Opacus per-sample clipping, Gaussian noise);
-`report`: what the `fedlora privacy plan|report` commands compute. Opacus is imported only when
-a function needs it, so importing this package is cheap.
+`report`: what the `fedlora privacy plan|report` commands compute; `cache`: the on-disk memo of the
+accountant's slow answers. Opacus is imported only when a function needs it, so importing this
+package is cheap.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .accounting import (
     noise_multiplier,
     sample_rate,
 )
-from .dpsgd import GRAD_SAMPLE_MODES, DPSettings, dp_sgd_steps, poisson_batch
+from .dpsgd import GRAD_SAMPLE_MODES, REPRODUCIBLE_WARNING, DPSettings, dp_sgd_steps, poisson_batch
 from .report import ledger_path, load_ledgers
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Participation",
     "PrivacyError",
     "PrivacyLedger",
+    "REPRODUCIBLE_WARNING",
     "dp_sgd_steps",
     "epsilon",
     "ledger_path",

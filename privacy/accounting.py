@@ -13,15 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict
 
+from fedlora.core.files import write_text_atomic
+
+from .cache import memoized
+
 __all__ = [
     "ACCOUNTANTS",
+    "VERIFY_RTOL",
     "Participation",
     "PrivacyError",
     "PrivacyLedger",
@@ -31,6 +35,9 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("prv", "rdp")
+#: relative tolerance of `PrivacyLedger.verify` (the accountant is deterministic: 1e-6 is slack for
+#: a JSON round trip and a different platform's floating point)
+VERIFY_RTOL = 1e-6
 _LEDGER_FORMAT = "fedlora-privacy-ledger"
 _LEDGER_VERSION = 1
 
@@ -118,10 +125,14 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
 
     target_epsilon, delta = _check_epsilon(target_epsilon), _check_delta(delta)
     q, steps, accountant = _check_rate(sample_rate), _check_steps(steps), _check_accountant(accountant)
-    try:
+
+    def search() -> float:
         with _quiet_rdp():
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=q, steps=steps, accountant=accountant))
+            return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                        sample_rate=q, steps=steps, accountant=accountant)
+
+    try:
+        return memoized(["sigma", accountant, delta, target_epsilon, q, steps], search)
     except ValueError as exc:  # Opacus: "The privacy budget is too low." (σ search overflowed)
         raise PrivacyError(
             f"no noise multiplier reaches ε={target_epsilon:g} at δ={delta:g} with q={q:g} over "
@@ -159,10 +170,14 @@ def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = 
         return 0.0
     if any(sigma == 0 for sigma, _, _ in merged):
         return math.inf
-    acc = create_accountant(mechanism=accountant)
-    acc.history = merged
-    with _quiet_rdp():
-        return float(acc.get_epsilon(delta=delta))
+
+    def account() -> float:
+        acc = create_accountant(mechanism=accountant)
+        acc.history = list(merged)
+        with _quiet_rdp():
+            return acc.get_epsilon(delta=delta)
+
+    return memoized(["epsilon", accountant, delta, merged], account)
 
 
 class PrivacyLedger:
@@ -260,32 +275,41 @@ class PrivacyLedger:
                 raise
             except (KeyError, TypeError, ValueError) as exc:
                 raise PrivacyError(f"participation #{i} of the ledger is malformed ({exc!r})") from exc
-            # The stored ε is kept as recorded (recomputing the PRV ε of a long history on every
-            # load is slow); `tests/test_privacy.py` checks it against an independent accountant.
+            # The stored ε are checked against the accountant by `verify` (on every load from a file).
             restored.participations.append(Participation(round=entry["round"], sigma=sigma,
                                                          sample_rate=q, steps=steps, epsilon=eps))
         self.participations = restored.participations
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the ledger to `path` atomically (a crash leaves the old file or the new one)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.state_dict(), fh, indent=1)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_text_atomic(path, json.dumps(self.state_dict(), indent=1) + "\n")
+
+    def verify(self) -> None:
+        """Recompute the last ε from the recorded history with the accountant; `PrivacyError` if the
+        stored value differs by more than `VERIFY_RTOL` (relative) or the stored ε ever decrease.
+
+        A ledger is what a client's refusal rests on, so it is checked, not trusted: an edited file,
+        or one written by a buggy or different accountant, must not let a client train past its
+        budget. The answer is memoised by the exact history (`fedlora.privacy.cache`), so checking
+        a ledger whose history this machine has accounted before costs nothing.
+        """
+        if not self.participations:
+            return
+        stored = [p["epsilon"] for p in self.participations]
+        if any(b < a for a, b in zip(stored, stored[1:])):
+            raise PrivacyError(f"the stored ε decrease along the participations ({stored}): a budget "
+                               "spent can only grow")
+        recomputed = epsilon(self.history, self.delta, self.accountant)
+        if not math.isclose(stored[-1], recomputed, rel_tol=VERIFY_RTOL, abs_tol=0.0):
+            raise PrivacyError(f"the stored ε = {stored[-1]!r} does not match ε = {recomputed!r} recomputed "
+                               f"from its {len(stored)} participation(s) with the {self.accountant} "
+                               f"accountant at δ = {self.delta:g}: the ledger was altered or miscomputed")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, target_epsilon: float | None = None,
              delta: float | None = None, accountant: str | None = None) -> PrivacyLedger:
-        """Read a ledger; each budget value given must equal the one the file was kept with."""
+        """Read a ledger and `verify` it; each budget value given must equal the one the file was
+        kept with. Every error names the file."""
         try:
             state = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -297,6 +321,7 @@ class PrivacyLedger:
                          state["delta"] if delta is None else delta,
                          state["accountant"] if accountant is None else accountant)
             ledger.load_state_dict(state)
+            ledger.verify()
         except KeyError as exc:
             raise PrivacyError(f"{path}: ledger lacks {exc}") from exc
         except PrivacyError as exc:

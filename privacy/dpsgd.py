@@ -13,6 +13,13 @@ One step (Abadi et al. 2016, as Opacus implements it):
    by the *expected* batch size q·n (not the drawn one: the drawn size depends on the data).
 5. The inner optimizer (SGD or Adam) steps on that gradient.
 
+Secrecy: the accountant's amplification by subsampling holds only if nobody but the client knows
+which records each step sampled, and the noise protects only if nobody can regenerate it. So both
+come from the operating system's entropy (`secrets`), a fresh secret seed per call, never from
+the run `seed`, which the server and everyone who reads the config know. `DPSettings.reproducible`
+derives both from the caller's seed instead: for tests only, and the guarantee then does not hold
+against anyone who knows that seed (`REPRODUCIBLE_WARNING`).
+
 An empty batch is still a step: its clipped sum is zero, so the update is pure noise, and it is
 counted like any other (skipping it would reveal that the batch was empty, which the analysis
 does not allow). No forward pass is run for it: Hugging Face models fail on a batch of 0.
@@ -26,7 +33,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,9 +43,12 @@ from torch import nn
 
 from .accounting import PrivacyError
 
-__all__ = ["GRAD_SAMPLE_MODES", "DPSettings", "Forward", "dp_sgd_steps", "poisson_batch"]
+__all__ = ["GRAD_SAMPLE_MODES", "REPRODUCIBLE_WARNING", "DPSettings", "Forward", "dp_sgd_steps", "poisson_batch"]
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+REPRODUCIBLE_WARNING = ("dp-reproducible = true: the DP-SGD batches and noise follow the run seed, so the "
+                        "privacy guarantee does not hold against anyone who knows `seed` (the server "
+                        "included); for tests only")
 
 Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 """Runs the model on the examples at the given indices; returns (logits, integer labels)."""
@@ -54,18 +64,18 @@ _PARAM_STATE = ("summed_grad",)
 class DPSettings:
     """Record-level DP-SGD parameters of one client's local training.
 
-    `secret_noise=False` draws the noise from a generator seeded with the training seed, so a
-    run is reproducible; anyone who knows that seed (e.g. the server, which sets the run seed)
-    can regenerate the noise and subtract it. `secret_noise=True` seeds it from the operating
-    system instead: not reproducible, but the guarantee then also holds against such a party.
-    Neither is Opacus' `secure_mode` (noise hardened against floating-point attacks).
+    `reproducible=False` (the only private choice) draws the Poisson batches and the noise from
+    the operating system's entropy. `reproducible=True` derives both from the training seed, so a
+    run can be repeated exactly; anyone who knows that seed (the server sets it) then knows which
+    records every step used and can regenerate the noise and subtract it. Neither is Opacus'
+    `secure_mode` (noise hardened against floating-point attacks).
     """
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
     grad_sample_mode: str = "hooks"
-    secret_noise: bool = False
+    reproducible: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
@@ -135,25 +145,35 @@ def _opacus_hooks(model: nn.Module, dp: DPSettings) -> Iterator[object]:
                 p.__dict__.pop(attr, None)
 
 
+def _randomness(dp: DPSettings, seed: Sequence[int], device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
+    """The generators of the Poisson batches and of the noise: from 128 bits of OS entropy, or,
+    with `dp.reproducible`, from `seed`."""
+    words = list(seed) if dp.reproducible else [secrets.randbits(64), secrets.randbits(64)]
+    batch_state, noise_state = np.random.SeedSequence(words).spawn(2)
+    noise = torch.Generator(device=device)
+    noise.manual_seed(int(noise_state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+    return np.random.default_rng(batch_state), noise
+
+
 def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings, *,
-                 num_examples: int, steps: int, forward: Forward, rng: np.random.Generator,
-                 noise_seed: int) -> list[float]:
+                 num_examples: int, steps: int, forward: Forward, seed: Sequence[int] = ()) -> list[float]:
     """`steps` DP-SGD steps on the parameters of `optimizer` (the model's trainable ones).
 
-    `forward` runs the model (in training mode) on a batch of example indices; `rng` draws the
-    Poisson batches and `noise_seed` seeds the noise (unless `dp.secret_noise`). Returns the
-    mean loss of every step's batch, `nan` for a step whose batch was empty (a noise-only step),
-    so the list always has `steps` entries. Plain Python floats; the caller averages with nanmean.
+    `forward` runs the model (in training mode) on a batch of example indices. The Poisson
+    batches and the noise are secret (OS entropy) unless `dp.reproducible`, when they follow
+    `seed`. Returns the mean loss of every step's batch, `nan` for a step whose batch was empty
+    (a noise-only step), so the list always has `steps` entries. Plain Python floats; the caller
+    averages with nanmean.
     """
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise ValueError(f"DP-SGD needs at least one example, got num_examples={num_examples!r}")
+    if dp.reproducible and not seed:
+        raise ValueError("DPSettings.reproducible needs a seed to reproduce")
     params = _trainable(model, optimizer)
-    device = params[0].device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(secrets.randbits(63) if dp.secret_noise else noise_seed)
+    rng, generator = _randomness(dp, seed, params[0].device)
     ghost = dp.grad_sample_mode == "ghost"
     before = [p.detach().clone() for p in params]
     data_seen = False

@@ -56,7 +56,8 @@ def _partition_key(path: Path) -> tuple[int, int | str]:
 
 
 def load_ledgers(output_dir: str | os.PathLike[str]) -> dict[str, PrivacyLedger]:
-    """Every client ledger of a run, by partition id (numeric ids in numeric order)."""
+    """Every client ledger of a run, by partition id (numeric ids in numeric order), each checked
+    against the accountant (`PrivacyLedger.verify`)."""
     folder = Path(output_dir) / LEDGER_DIR
     if not Path(output_dir).is_dir():
         raise PrivacyError(f"output directory {output_dir} does not exist")
@@ -121,5 +122,6 @@ def format_report(rows: Sequence[Mapping[str, Any]]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     settings = sorted({(r["delta"], r["accountant"]) for r in rows})
     lines.append("")
-    lines.append("; ".join(f"δ = {d:g}, {a} accountant" for d, a in settings))
+    lines.append("; ".join(f"δ = {d:g}, {a} accountant" for d, a in settings)
+                 + "; every ε spent was recomputed from its ledger's history (checked)")
     return "\n".join(lines)

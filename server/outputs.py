@@ -1,23 +1,29 @@
-"""What a run leaves in `output-dir`: metrics.jsonl, a progress line per round, the peft adapter,
-the final test predictions and an accuracy plot.
+"""What a run leaves in `output-dir`: how it ended, metrics.jsonl, a progress line per round, the
+peft adapter, the final test predictions and an accuracy plot.
 
     output-dir/
+      status.json           {state, last_round, reason}: running, completed, budget-exhausted or
+                            failed (`fedlora.core.status`), rewritten atomically every round
       run_config.json       resolved run config (kebab-case keys)
-      metrics.jsonl         round 0 = initial evaluation, then one object per round
+      data.json             what loading the data dropped or altered, and each client's row counts
+      metrics.jsonl         round 0 = initial evaluation, then one object per round (a round
+                            without a usable reply: `skipped` and `skip_reason`, model unchanged)
       predictions.json      final global model on the test split: labels and predictions
-      accuracy.png          test accuracy / loss per round (if matplotlib is installed)
+      accuracy.png          test accuracy / loss per round
       adapter/              PeftModel.from_pretrained(base, adapter/) gives the server's model
                             (not for fedsa: no global model; not enough for fedex/flora: see merged/)
       merged/               fedex, flora: AutoModelForSequenceClassification.from_pretrained(merged/)
                             gives the server's model, base-weight changes included
       adapters/<partition>/ fedsa: each client's own adapter (Ā with its B), written by the client
-      privacy.json          dp: δ, accountant, target ε and each client's ε and participations
+      privacy.json          dp: δ, accountant, target ε, each client's ε and participations, and
+                            whether the guarantee holds against whoever knows `seed`
       privacy/<partition>.json  dp, simulation: each client's own ledger, written by the client
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
 
@@ -25,9 +31,11 @@ import numpy as np
 from flwr.common.logger import log
 
 from fedlora.core.config import RunConfig
-from fedlora.core.data import TextData
+from fedlora.core.data import ClientData, DataReport, TextData
 from fedlora.core.model import ModelBundle, save_adapter, save_merged
+from fedlora.core.status import RunStatus, write_status
 from fedlora.core.train import evaluate
+from fedlora.privacy import REPRODUCIBLE_WARNING
 from fedlora.strategies.flower import LoraStrategy
 
 __all__ = ["RunOutputs"]
@@ -45,22 +53,42 @@ class RunOutputs:
             raise FileExistsError(f"output-dir {self.dir} already holds a run; choose another folder")
         self.metrics_path.write_text("")
         self.rows: list[dict] = []
+        self.set_status("running", "starting")
         (self.dir / "run_config.json").write_text(json.dumps(cfg.to_run_config(), indent=2) + "\n")
 
+    def set_status(self, state: str, reason: str) -> None:
+        """status.json: `state` after the last round written so far (-1: none yet)."""
+        write_status(self.dir, RunStatus(state, self.rows[-1]["round"] if self.rows else -1, reason))
+
     def write_round(self, row: dict) -> None:
+        """Append a row to metrics.jsonl, log a progress line and record the round in status.json."""
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self.set_status("running", f"round {row['round']} of {self.cfg.num_server_rounds} done")
         parts = [f"round {row['round']}/{self.cfg.num_server_rounds}"]
         for key, fmt in (("test_accuracy", "acc {:.3f}"), ("test_loss", "loss {:.3f}"),
                          ("client_accuracy", "client acc {:.3f}"), ("train_loss", "train loss {:.3f}"),
                          ("num_clients", "{} clients"), ("epsilon_max", "ε max {:.2f}")):
             if key in row:
                 parts.append(fmt.format(row[key]))
+        if row.get("skipped"):
+            parts.append("skipped: model unchanged")
         if "bytes_up" in row:
             parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB, down {row['bytes_down'] / 1e6:.2f} MB")
         parts.append(f"{row['seconds']:.1f} s")
         log(INFO, "fedlora: %s", " | ".join(parts))
+
+    def save_data(self, report: DataReport, test_rows: int, clients: Mapping[int, ClientData]) -> None:
+        """data.json: what loading dropped or altered (also logged), the server's test rows, and
+        each client's training and local test rows."""
+        log(INFO, "fedlora: data: %s", report.summary())
+        (self.dir / "data.json").write_text(json.dumps({
+            "source": report.source, "rows_read": report.rows_read, "rows_kept": report.rows_kept,
+            "dropped": report.dropped, "altered": report.altered, "server_test_rows": test_rows,
+            "clients": {str(pid): {"train_rows": len(share.train), "local_test_rows": len(share.test)}
+                        for pid, share in sorted(clients.items())},
+        }, indent=2) + "\n")
 
     def save_final(self, bundle: ModelBundle, test: TextData, predictions: np.ndarray | None, *,
                    merged: bool) -> None:
@@ -89,21 +117,26 @@ class RunOutputs:
                    for pid in sorted(strategy.partitions)}
         summary = {"target_epsilon": cfg.target_epsilon, "delta": cfg.target_delta, "accountant": cfg.accountant,
                    "dp_max_participations": cfg.dp_max_participations, "local_steps": cfg.local_steps,
-                   "max_grad_norm": cfg.max_grad_norm, "clients": clients,
+                   "max_grad_norm": cfg.max_grad_norm,
+                   # Whether the batches and noise were secret (OS entropy) or followed `seed`.
+                   "reproducible": cfg.dp_reproducible,
+                   "guarantee": (REPRODUCIBLE_WARNING if cfg.dp_reproducible else
+                                 "record-level (ε, δ)-DP of each client's training examples against "
+                                 "everything the client sent; batches and noise were drawn from the "
+                                 "operating system's entropy"),
+                   "clients": clients,
                    "epsilon_max": max((c["epsilon"] for c in clients.values()), default=0.0)}
         (self.dir / "privacy.json").write_text(json.dumps(summary, indent=2) + "\n")
         if strategy.exhausted:
             log(INFO, "fedlora: clients that spent their privacy budget: %s", sorted(strategy.exhausted))
 
     def plot(self) -> None:
-        """accuracy.png from the rows so far (if matplotlib is installed)."""
-        try:
-            import matplotlib
+        """accuracy.png from the rows so far."""
+        import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return  # the plot is a convenience; metrics.jsonl holds the same numbers
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         rows = [r for r in self.rows if "test_accuracy" in r]
         if not rows:
             return

@@ -2,8 +2,11 @@
 
     fedlora run [APP_DIR] [--run-config "key=value ..."] [--num-supernodes N] [--client-cpus C]
 
-validates the run config, runs the simulation on a private SuperLink (see `runner`), waits for the
-end and exits 0 on success, 1 if the run failed, 2 on bad input (before anything started).
+validates the run config, runs the simulation on a private SuperLink (see `runner`) and waits for
+its end. Exit 0: the run completed, or stopped early because every client's privacy budget was
+spent; the last line says which, after what round, and lists the outputs it wrote. Exit 1: the run
+failed or hung (the reason on stderr and in `<output-dir>/status.json`). Exit 2: bad input, before
+anything started. 128 + N: stopped by signal N (Ctrl-C, `kill`); every process it started is stopped.
 
     fedlora privacy plan (--epsilon E | --sigma S) --delta D (--sample-rate Q | --num-examples N
                          --batch-size B) --steps T [--accountant prv|rdp] [--json]
@@ -18,12 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 from fedlora.core.config import ConfigError
+from fedlora.core.status import RunStatus
 
 __all__ = ["main"]
+
+#: what a finished run may leave in its output-dir, in the order the last line lists those it has
+_OUTPUTS = (("metrics", "metrics.jsonl"), ("adapter", "adapter"), ("merged model", "merged"),
+            ("each client's adapter", "adapters"), ("privacy budgets", "privacy.json"))
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -47,15 +56,29 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
+    if cfg.dp and cfg.dp_reproducible:
+        from fedlora.privacy import REPRODUCIBLE_WARNING
+
+        print(f"fedlora: warning: {REPRODUCIBLE_WARNING}", file=sys.stderr)
     unwind_on_signals()  # a `kill` (or a CI cancel) must still stop the SuperLink
     try:
-        out = run_simulation(Path(args.app), cfg, args.num_supernodes, client_cpus=args.client_cpus,
-                             quiet=args.quiet)
+        status = run_simulation(Path(args.app), cfg, args.num_supernodes, client_cpus=args.client_cpus,
+                                quiet=args.quiet)
     except RunFailed as exc:
         print(f"fedlora: run failed: {exc}", file=sys.stderr)
         return 1
-    print(f"fedlora: finished; metrics in {out / 'metrics.jsonl'}, adapter in {out / 'adapter'}")
+    except KeyboardInterrupt:  # the runner has said so and stopped everything: no traceback
+        return 128 + signal.SIGINT
+    print(_ending(Path(cfg.output_dir), status))
     return 0
+
+
+def _ending(out: Path, status: RunStatus) -> str:
+    """The last line of a finished run: how it ended, and where the outputs it wrote are."""
+    how = (f"completed after round {status.last_round}" if status.state == "completed" else
+           f"stopped early after round {status.last_round}: {status.state} ({status.reason})")
+    return f"fedlora: {how}; " + ", ".join(f"{what} in {out / name}" for what, name in _OUTPUTS
+                                           if (out / name).exists())
 
 
 def _privacy_plan(args: argparse.Namespace) -> int:

@@ -6,32 +6,48 @@ raises, and sampling more clients than are connected waits forever. So `run_simu
 the config first, starts its own SuperLink (simulation mode, loopback, free ports, temporary
 FLWR_HOME, runtime dependency installation off) in a new process group, submits the run, streams
 its log, reads the final status with `flwr ls`, and stops every process it started.
+
+It never waits without limit: `follow_run` ends the wait as a hang when the SuperLink exits, when
+`flwr ls` fails 3 times in a row, or when no log line arrives for `round-timeout` + 120 s. The run
+counts as finished only when Flower reports it completed and its `status.json` says `completed` or
+`budget-exhausted`; a run that failed, hung or was interrupted is recorded there as `failed`, with
+the reason, when the ServerApp could not record it itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedlora.core.config import ConfigError, RunConfig
+from fedlora.core.status import RunStatus, read_status, write_status
 
-__all__ = ["RunFailed", "app_defaults", "preflight", "resolve_config", "run_simulation", "unwind_on_signals"]
+__all__ = ["IDLE_MARGIN", "MAX_STATUS_FAILURES", "RunFailed", "app_defaults", "follow_run", "preflight",
+           "resolve_config", "run_simulation", "unwind_on_signals"]
 
 _CONNECTION = "fedlora-local"
+#: seconds without a log line, beyond `round-timeout`, after which a run counts as hung
+IDLE_MARGIN = 120.0
+#: `flwr ls` failures in a row after which the SuperLink counts as unreachable
+MAX_STATUS_FAILURES = 3
+#: seconds between checks that the SuperLink is alive while the log is quiet
+_TICK = 1.0
 
 
 class RunFailed(RuntimeError):
@@ -106,11 +122,14 @@ def _flwr_bin(name: str) -> str:
 
 
 @contextmanager
-def private_superlink(log_path: Path) -> Iterator[dict[str, str]]:
-    """A simulation SuperLink on free loopback ports; yields the environment for `flwr` calls.
+def private_superlink(log_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen]]:
+    """A simulation SuperLink on free loopback ports; yields the environment for `flwr` calls and
+    the SuperLink's process.
 
-    On exit the SuperLink and every process descended from it are terminated, then killed:
-    flwr starts the SuperExec in a session of its own, so the process group alone is not enough.
+    On exit the SuperLink and every process it started are terminated, then killed: flwr starts
+    the SuperExec in a session of its own, so the process group alone is not enough, and a
+    SuperLink that died leaves its children to init, out of reach of the process tree; they are
+    found by an environment entry only the SuperLink's processes carry.
     On Linux the SuperLink also receives SIGTERM if this process dies without cleaning up.
     """
     home = Path(tempfile.mkdtemp(prefix="fedlora-flwr-home-"))
@@ -129,14 +148,15 @@ def private_superlink(log_path: Path) -> Iterator[dict[str, str]]:
     cmd = [_flwr_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--host", "127.0.0.1", "--port", str(http_port),
            "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
+    marker = f"FEDLORA_SUPERLINK={home}"
     with log_path.open("ab") as log_file:
-        proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, env={**env, "FEDLORA_SUPERLINK": str(home)}, cwd=home, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         _wait_healthy(proc, http_port, log_path)
-        yield env
+        yield env, proc
     finally:
-        _stop_tree(proc)
+        _stop_tree(proc, marker=marker)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -188,6 +208,20 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _carrying(entry: str | None) -> set[int]:
+    """Processes whose environment holds `entry` ("NAME=value"), from /proc (none for None)."""
+    if entry is None:
+        return set()
+    found = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry.encode() in environ.read_bytes().split(b"\0"):
+                found.add(int(environ.parent.name))
+        except OSError:
+            continue  # exited while we looked, or not ours to read
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -200,11 +234,12 @@ def _alive(pid: int) -> bool:
             return False
 
 
-def _stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the SuperLink and all its descendants, SIGKILL what is left after `grace` s."""
-    pids = {proc.pid} | _descendants(proc.pid)
+def _stop_tree(proc: subprocess.Popen, grace: float = 15.0, marker: str | None = None) -> None:
+    """SIGTERM `proc`, all its descendants and the processes whose environment holds `marker`,
+    SIGKILL what is left after `grace` s."""
+    pids = {proc.pid}
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids |= {d for p in list(pids) for d in _descendants(p)}  # late-born children too
+        pids |= {d for p in list(pids) for d in _descendants(p)} | _carrying(marker)  # late-born ones too
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -228,16 +263,38 @@ def _flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subpr
 
 
 def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client_cpus: int = 1,
-                   quiet: bool = False) -> Path:
-    """Run the app to completion; returns the output dir, raises `RunFailed` if the run failed."""
+                   quiet: bool = False) -> RunStatus:
+    """Run the app to its end; returns how it ended (`completed` or `budget-exhausted`).
+
+    Raises `RunFailed` when the run failed or hung; that and an interruption (SIGINT, or a signal
+    `unwind_on_signals` turned into SystemExit) stop every process this started and leave
+    `status.json` saying `failed` and why, unless the ServerApp had already recorded a finished run.
+    """
     out_dir = Path(cfg.output_dir)
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    overrides = logs / "run_config.toml"
-    overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_run_config().items()))
-    with private_superlink(logs / "superlink.log") as env:
-        submit = _flwr(["run", str(Path(app_dir).resolve()), _CONNECTION, "--run-config", str(overrides),
-                        "--federation-config",
+    (logs / "run_config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n"
+                                                  for k, v in cfg.to_run_config().items()))
+    try:
+        run_id, flower_status = _submit_and_follow(app_dir, cfg, num_supernodes, client_cpus, quiet, logs)
+    except BaseException as exc:
+        reason = _failure_reason(exc)
+        _record_failure(out_dir, reason)
+        stopped = "stopped the SuperLink, every process it started and the `flwr log` streamer"
+        if isinstance(exc, RunFailed):
+            raise RunFailed(f"{reason}; {stopped}; logs in {logs}") from None
+        # An interruption unwinds past the CLI's RunFailed handler: say here what happened.
+        print(f"fedlora: {reason}; {stopped}", file=sys.stderr, flush=True)
+        raise
+    return _ending(out_dir, run_id, flower_status, logs / "run.log")
+
+
+def _submit_and_follow(app_dir: Path, cfg: RunConfig, num_supernodes: int, client_cpus: int, quiet: bool,
+                       logs: Path) -> tuple[str, str]:
+    """Submit the run to a private SuperLink and follow its log: (run id, Flower's final status)."""
+    with private_superlink(logs / "superlink.log") as (env, superlink):
+        submit = _flwr(["run", str(Path(app_dir).resolve()), _CONNECTION,
+                        "--run-config", str(logs / "run_config.toml"), "--federation-config",
                         f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
                         "--format", "json"],
                        env)
@@ -246,37 +303,131 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client
         except (ValueError, KeyError):
             raise RunFailed(f"flwr run did not start the run:\n{submit.stdout}\n{submit.stderr}") from None
         if not quiet:
-            print(f"fedlora: run {run_id} submitted; outputs in {out_dir}", flush=True)
+            print(f"fedlora: run {run_id} submitted; outputs in {cfg.output_dir}", flush=True)
         with (logs / "run.log").open("w") as log_file:
             streamer = subprocess.Popen([_flwr_bin("flwr"), "log", run_id, _CONNECTION, "--stream"],
-                                        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            assert streamer.stdout is not None
-            for line in streamer.stdout:
+                                        env=env, text=True, errors="replace", stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+
+            def on_line(line: str) -> None:
                 log_file.write(line)
                 log_file.flush()
                 if not quiet:
                     sys.stdout.write(line)
                     sys.stdout.flush()
-            streamer.wait()
-        status = _run_status(run_id, env)
-    if status != "finished:completed":
-        raise RunFailed(f"run {run_id} ended as {status!r}; the log is in {logs / 'run.log'}")
-    return out_dir
+
+            try:
+                return run_id, follow_run(streamer, superlink, lambda: _flwr_status(run_id, env),
+                                          idle_limit=cfg.round_timeout + IDLE_MARGIN, on_line=on_line)
+            finally:
+                _stop_tree(streamer, grace=5.0)
 
 
-def _run_status(run_id: str, env: dict[str, str], poll: float = 2.0) -> str:
-    """The run's final status from `flwr ls`, polled until it has finished.
+def follow_run(streamer: subprocess.Popen, superlink: subprocess.Popen, run_status: Callable[[], str], *,
+               idle_limit: float, on_line: Callable[[str], None], poll: float = 60.0,
+               drain: float = 10.0) -> str:
+    """Pass each line of `streamer`'s output to `on_line` until `run_status` (Flower's status of the
+    run; raises `RunFailed` when it cannot tell) says the run finished; returns that status.
 
-    The log stream can end before the run does (a dropped connection); the ServerApp's own
-    `round-timeout` bounds how long a live run can wait for its clients.
+    Raises `RunFailed` naming the hang when the SuperLink exits, when `run_status` fails
+    MAX_STATUS_FAILURES times in a row, or when no line arrives for `idle_limit` s. The status is
+    asked at once when the stream ends and whenever `poll` s pass without a line (or another ask),
+    so the end of a run is seen even if the stream hangs; while lines flow the run is alive, and
+    each `flwr ls` (a second of CPU) would only slow its training. After the end, the stream's last
+    lines get up to `drain` s to arrive. Stopping the processes is the caller's job.
     """
+    lines: queue.Queue[str | None] = queue.Queue()
+    pump = threading.Thread(target=_pump, args=(streamer.stdout, lines), daemon=True)
+    pump.start()
+    last_line = last_ask = time.monotonic()
+    ask_now, failures = False, 0
     while True:
-        res = _flwr(["ls", _CONNECTION, "--run-id", run_id, "--format", "json"], env)
+        due = min(max(last_line, last_ask) + poll, last_line + idle_limit)
         try:
-            status = json.loads(res.stdout)["runs"][0]["status"]
-        except (ValueError, KeyError, IndexError):
-            raise RunFailed(f"cannot read the status of run {run_id}: {res.stdout.strip()[:300]} "
-                            f"{res.stderr.strip()[:300]}") from None
-        if status.startswith("finished"):
-            return status
-        time.sleep(poll)
+            line = lines.get(timeout=min(_TICK, max(0.0, due - time.monotonic())))
+        except queue.Empty:
+            pass
+        else:
+            if line is None:  # the stream ended: the run finished, or the connection dropped
+                ask_now = True
+            else:
+                on_line(line)
+                last_line = time.monotonic()
+        if superlink.poll() is not None:
+            raise RunFailed(f"the SuperLink exited (code {superlink.returncode})")
+        now = time.monotonic()
+        if ask_now or now >= max(last_line, last_ask) + poll:
+            ask_now, last_ask = False, now
+            try:
+                status = run_status()
+            except RunFailed as exc:
+                failures += 1
+                if failures >= MAX_STATUS_FAILURES:
+                    raise RunFailed(f"`flwr ls` failed {failures} times in a row, the SuperLink does not "
+                                    f"answer (last: {exc})") from None
+            else:
+                failures = 0
+                if status.startswith("finished"):
+                    pump.join(timeout=drain)
+                    while not lines.empty():
+                        if (line := lines.get_nowait()) is not None:
+                            on_line(line)
+                    return status
+        if now - last_line >= idle_limit:
+            raise RunFailed(f"no log line for {now - last_line:.0f} s (the limit is {idle_limit:.0f} s: "
+                            f"round-timeout + {IDLE_MARGIN:.0f} s), the run hangs")
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    """In a thread: each line of `stream` into `lines`, then None when it ends."""
+    try:
+        for line in stream:
+            lines.put(line)
+    finally:
+        lines.put(None)
+
+
+def _flwr_status(run_id: str, env: dict[str, str]) -> str:
+    """Flower's status of the run, e.g. `running` or `finished:completed` (one `flwr ls`)."""
+    res = _flwr(["ls", _CONNECTION, "--run-id", run_id, "--format", "json"], env, timeout=60.0)
+    if res.returncode != 0:
+        raise RunFailed(f"`flwr ls` exited with code {res.returncode}: {res.stderr.strip()[-300:]}")
+    try:
+        return str(json.loads(res.stdout)["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise RunFailed(f"`flwr ls` gave no status of run {run_id}: {res.stdout.strip()[:300]} "
+                        f"{res.stderr.strip()[:300]}") from None
+
+
+def _ending(out_dir: Path, run_id: str, flower_status: str, log: Path) -> RunStatus:
+    """How the ended run ended: finished only if Flower says completed and status.json agrees."""
+    status = read_status(out_dir)
+    if status is None or status.state == "running":  # the ServerApp was killed, or never started
+        status = _record_failure(out_dir, f"the ServerApp ended without writing its status "
+                                          f"(Flower: {flower_status})")
+    if flower_status == "finished:completed" and status.finished:
+        return status
+    raise RunFailed(f"run {run_id} ended as {flower_status!r}, {status.state} after round "
+                    f"{status.last_round}: {status.reason}; the log is in {log}")
+
+
+def _record_failure(out_dir: Path, reason: str) -> RunStatus:
+    """Write status.json as `failed` for `reason`, keeping its last round; a finished run (all its
+    outputs written before the trouble) keeps its status. Returns what status.json now says."""
+    status = read_status(out_dir)
+    if status is not None and status.finished:
+        return status
+    failed = RunStatus("failed", status.last_round if status else -1, reason)
+    write_status(out_dir, failed)
+    return failed
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """Why `fedlora run` ends early, in words, from what ended it."""
+    if isinstance(exc, KeyboardInterrupt):
+        return f"fedlora run was interrupted by signal {int(signal.SIGINT)}"
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int) and exc.code > 128:  # see _raise_exit
+        return f"fedlora run was interrupted by signal {exc.code - 128}"
+    if isinstance(exc, RunFailed):
+        return str(exc)
+    return f"fedlora run failed: {type(exc).__name__}: {exc}"

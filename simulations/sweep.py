@@ -1,9 +1,11 @@
 """Resumable sweeps: many `fedlora run`s (strategies × settings × seeds) into one folder, and the
 table that compares them.
 
-Each run gets its own folder `<root>/<name>/`. A run whose `metrics.jsonl` has reached its last
-round is finished and skipped; an interrupted one is cleared and run again. So a sweep killed
-halfway (a closed laptop, a CI limit) is resumed by starting the same command again.
+Each run gets its own folder `<root>/<name>/`. A run whose `status.json` says it finished
+(`completed`, or `budget-exhausted`: a DP run that stopped early because every budget was spent)
+is skipped; one whose status is missing, `running` (interrupted) or `failed` is cleared and run
+again. So a sweep killed halfway (a closed laptop, a CI limit) is resumed by starting the same
+command again. The summary has the finished runs only, each with its `state` and `last_round`.
 
     python -m fedlora.simulations.sweep ROOT            # the comparison table of what is in ROOT
 """
@@ -19,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.core.status import read_status
+
 from .runner import preflight, resolve_config, run_simulation, unwind_on_signals
 
-__all__ = ["SweepRun", "finished_rounds", "run_sweep", "summarize"]
+__all__ = ["SweepRun", "run_sweep", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,6 @@ def _rows(out_dir: Path) -> list[dict]:
     return rows
 
 
-def finished_rounds(out_dir: Path) -> int:
-    """The last round a run's metrics.jsonl records (-1 if none)."""
-    rows = _rows(out_dir)
-    return rows[-1]["round"] if rows else -1
-
-
 def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supernodes: int = 10,
               client_cpus: int = 1) -> None:
     """Run every unfinished run of `runs` in turn, printing one progress line per run."""
@@ -62,35 +60,36 @@ def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supern
     for i, run in enumerate(runs, start=1):
         out = root / run.name
         cfg = resolve_config(app_dir, {**run.overrides, "output-dir": str(out)})
-        done = finished_rounds(out)
-        if done == cfg.num_server_rounds and (out / "run_config.json").exists():
-            print(f"[{i}/{len(runs)}] {run.name}: finished earlier, skipped", flush=True)
+        earlier = read_status(out)
+        if earlier is not None and earlier.finished:
+            print(f"[{i}/{len(runs)}] {run.name}: {earlier.state} earlier, skipped", flush=True)
             continue
-        if out.exists():  # interrupted: runs restart from round 0 (they take minutes, not hours)
+        if out.exists():  # interrupted or failed: runs restart from round 0 (minutes, not hours)
             shutil.rmtree(out)
         preflight(cfg, num_supernodes)
         print(f"[{i}/{len(runs)}] {run.name}: running ({cfg.num_server_rounds} rounds)", flush=True)
         t0 = time.monotonic()
-        run_simulation(app_dir, cfg, num_supernodes, client_cpus=client_cpus, quiet=True)
+        status = run_simulation(app_dir, cfg, num_supernodes, client_cpus=client_cpus, quiet=True)
         rows = _rows(out)
-        print(f"[{i}/{len(runs)}] {run.name}: done in {time.monotonic() - t0:.0f} s, final test accuracy "
+        print(f"[{i}/{len(runs)}] {run.name}: {status.state} after round {status.last_round} in "
+              f"{time.monotonic() - t0:.0f} s, final test accuracy "
               f"{rows[-1].get('test_accuracy', float('nan')):.3f}", flush=True)
 
 
 def summarize(root: Path) -> list[dict[str, Any]]:
-    """One row per finished run under `root`: its settings and final/best test accuracy."""
+    """One row per finished run under `root`: its settings, how it ended and final/best test accuracy."""
     out = []
     for path in sorted(Path(root).iterdir()):
+        status = read_status(path)
         rows = _rows(path)
         config_path = path / "run_config.json"
-        if not rows or not config_path.exists():
-            continue
+        if status is None or not status.finished or not rows or not config_path.exists():
+            continue  # unfinished, failed, or not a run
         cfg = json.loads(config_path.read_text())
-        if rows[-1]["round"] != cfg["num-server-rounds"]:
-            continue  # unfinished
         acc = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
         out.append({
             "run": path.name, "strategy": cfg["strategy"], "seed": cfg["seed"],
+            "state": status.state, "last_round": status.last_round,
             "rounds": rows[-1]["round"], "learning_rate": cfg["learning-rate"],
             "final_accuracy": acc[-1] if acc else None, "best_accuracy": max(acc) if acc else None,
             "final_loss": rows[-1].get("test_loss"),

@@ -154,8 +154,10 @@ class LoraMethod:
     changes_base: ClassVar[bool] = False
     #: exact: the aggregate's model update equals Σ p_k s_k B_k A_k (see the README's table)
     exact: ClassVar[bool]
-    #: linear in the clients' uploads, so it can run under secure aggregation
-    linear: ClassVar[bool] = False
+    #: the server step needs only Σ p_k u_k of what clients send (everything after it is
+    #: post-processing), so it could run under secure aggregation, which fedlora does not provide;
+    #: the README's strategy table states it per method (tests/test_docs.py checks the two agree)
+    weighted_sums_only: ClassVar[bool] = False
     sent_once: ClassVar[str | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
     #: constructor argument -> run-config key, for methods with options of their own

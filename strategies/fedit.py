@@ -17,5 +17,5 @@ class FedIT(LoraMethod):
     paper = "Zhang et al., ICASSP 2024, arXiv:2305.05644"
     trains_a = True  # and the base class averages A and B
     exact = False
-    linear = True
+    weighted_sums_only = True
     defaults = AB_DEFAULTS

@@ -8,7 +8,7 @@ client keeps its own B across rounds in its node state (it starts from the serve
 first contact and is never overwritten), so the model is personalised: client k uses Ā with B_k.
 There is no single global model; the run reports the personalised accuracy (each client on its
 local test split) and the global one (each client's model on the global test split), averaged,
-and exports every client's adapter. The server step is a weighted mean, so it is linear.
+and exports every client's adapter. The server step is a weighted mean of what clients send.
 """
 
 from __future__ import annotations
@@ -25,5 +25,5 @@ class FedSALoRA(LoraMethod):
     personalized = True  # B stays on the client; the base class averages what is sent: A, head
     sent_once = B_SUFFIX  # the init, on first contact; after that the client's own B rules
     exact = None  # personalised: no single aggregate to be exact about
-    linear = True
+    weighted_sums_only = True
     defaults = {**AB_DEFAULTS, "evaluate-on": "clients"}

@@ -52,7 +52,7 @@ class FedSVD(LoraMethod):
     paper = "Lee et al., NeurIPS 2025, arXiv:2505.12805"
     trains_a = False
     exact = True  # B̄A is exact (A is shared) and the re-factorisation preserves it
-    linear = True  # the server needs only Σ p_k B_k; the SVD is post-processing
+    weighted_sums_only = True  # the server needs only Σ p_k B_k; the SVD is post-processing
     defaults = B_ONLY_DEFAULTS
 
     def aggregate(self, state: State, updates: Sequence[State], weights: torch.Tensor) -> State:

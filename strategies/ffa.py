@@ -17,6 +17,6 @@ class FFALoRA(LoraMethod):
     paper = "Sun et al., ICLR 2024, arXiv:2403.12313"
     trains_a = False
     exact = True
-    linear = True
+    weighted_sums_only = True
     defaults = B_ONLY_DEFAULTS
     sent_once = A_SUFFIX  # A never changes: the client keeps the copy it got on first contact

@@ -5,6 +5,11 @@ node ids) with a generator seeded by (seed, round), sends each client only what 
 validates replies itself (error replies, wrong keys or shapes, non-finite values and empty
 clients are dropped and counted rather than averaged), aggregates in partition order so that runs
 are bit-for-bit reproducible, and keeps per-client values out of Flower's metric averaging.
+
+A round in which no reply can be used (every sampled client refused, failed or timed out) is not
+an error: `aggregate_train` returns no arrays, the model stays as it was, and the ServerApp marks
+the round as skipped. Sent-once factors (FFA-LoRA's A, FedSA's initial B) go in every train or
+evaluate message to a client until that client's first non-error reply.
 """
 
 from __future__ import annotations
@@ -71,8 +76,13 @@ class LoraStrategy(Strategy):
         self.seed = seed
         self.evaluate_clients = evaluate_clients or method.personalized
         self.ranks = dict(ranks or {})
-        self.contacted: set[int] = set()  # partitions that have received the full state once
+        # Partitions that have answered a message without an error at least once: they surely hold
+        # what is sent only once. Any non-error reply counts, a refusal and an evaluation too.
+        self.contacted: set[int] = set()
         self.trained: list[int] = []  # partitions whose update was aggregated in the last round
+        #: why each dropped reply of the last `aggregate_train` / `aggregate_evaluate` was dropped
+        self.rejected: list[str] = []
+        self.eval_rejected: list[str] = []
         # Privacy: each client's ε as it last reported it, its aggregated participations, and the
         # clients that refused because their budget is spent (never sampled again).
         self.epsilon: dict[int, float] = {}
@@ -81,6 +91,7 @@ class LoraStrategy(Strategy):
         self._refused_now = 0
         self._state: State = {}
         self._sent: dict[int, State] = {}  # what each client of the current round was sent
+        self._outbox: list[tuple[int, Message]] = []  # (partition, message) of the current request
         self._bytes_down = 0
 
     def eligible(self) -> list[int]:
@@ -96,7 +107,29 @@ class LoraStrategy(Strategy):
         return sorted(int(p) for p in rng.choice(pids, size=size, replace=False)) if size else []
 
     def _message(self, pid: int, content: RecordDict, kind: str) -> Message:
-        return Message(content, message_type=kind, dst_node_id=self.partitions[pid])
+        msg = Message(content, message_type=kind, dst_node_id=self.partitions[pid])
+        self._outbox.append((pid, msg))
+        return msg
+
+    def _sender(self, reply: Message) -> int:
+        """The partition a reply is from: by the message it answers (Flower sets message ids when it
+        sends), else by its source node. An error reply made by the SuperLink for a node that went
+        away carries no useful source node, but it still answers one of our messages."""
+        answered = reply.metadata.reply_to_message_id
+        for pid, msg in self._outbox:
+            if answered and msg.metadata.message_id == answered:
+                return pid
+        return self._pid_of_node.get(reply.metadata.src_node_id, -1)
+
+    def _received(self, replies: Iterable[Message]) -> tuple[list[tuple[int, Message]], list[str]]:
+        """(partition, reply) of every reply, with the partitions that sent none named; every
+        partition that answered without an error is marked as contacted."""
+        got = [(self._sender(r), r) for r in replies]
+        self.contacted.update(pid for pid, r in got if pid in self.partitions and not r.has_error())
+        answered = {pid for pid, _ in got}
+        missing = [f"client {pid}: no reply within round-timeout" for pid, _ in self._outbox if pid not in answered]
+        self._outbox = []
+        return got, missing
 
     def _client(self, pid: int, *, first_contact: bool) -> ClientSpec:
         return ClientSpec(pid, self.ranks.get(pid, lora_rank(self._state)), first_contact)
@@ -107,6 +140,7 @@ class LoraStrategy(Strategy):
         self._state = from_record(arrays)
         self._bytes_down = 0
         self._sent = {}
+        self._outbox = []
         messages = []
         for pid in self.sample(server_round):
             payload = self.method.downlink(self._state, self._client(pid, first_contact=pid not in self.contacted))
@@ -117,10 +151,10 @@ class LoraStrategy(Strategy):
                                           MessageType.TRAIN))
         return messages
 
-    def _valid_updates(self, replies: Iterable[Message]) -> tuple[list[tuple[int, State, int, float | None]], list[str]]:
-        ok, rejected = [], []
-        for reply in replies:
-            pid = self._pid_of_node.get(reply.metadata.src_node_id, -1)
+    def _valid_updates(self, replies: Iterable[Message]) -> list[tuple[int, State, int, float | None]]:
+        ok = []
+        got, rejected = self._received(replies)
+        for pid, reply in got:
             if reply.has_error():
                 rejected.append(f"client {pid}: error {reply.error.reason}")
                 continue
@@ -152,29 +186,26 @@ class LoraStrategy(Strategy):
                 continue
             ok.append((pid, update, int(metrics["num-examples"]), metrics.get("train-loss")))
         ok.sort(key=lambda item: item[0])  # a fixed order makes the float sums reproducible
-        # Only a client that answered has surely received what was sent on first contact.
-        self.contacted.update(pid for pid, *_ in ok)
+        self.rejected = rejected
         self.trained = [pid for pid, *_ in ok]
         for pid in self.trained:
             self.participations[pid] = self.participations.get(pid, 0) + 1
-        return ok, rejected
+        return ok
 
     def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         """Validate replies, then aggregate the valid ones with the method.
 
-        Returns no arrays when every sampled client refused (privacy budgets spent): the global
-        state stays as it was.
+        Returns no arrays when no reply can be used (refusals, dropped or missing replies): the
+        global state stays as it was, and `self.rejected` says why each reply was dropped.
         """
         self._refused_now = 0
-        ok, rejected = self._valid_updates(replies)
-        for reason in rejected:
+        ok = self._valid_updates(replies)
+        for reason in self.rejected:
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
-        if not ok and not rejected and self._refused_now:
-            return None, MetricRecord({"num_clients": 0, "num_rejected": 0, "bytes_up": 0,
-                                       "bytes_down": self._bytes_down})
+        counts = {"num_clients": len(ok), "num_rejected": len(self.rejected), "bytes_down": self._bytes_down}
         if not ok:
-            raise RuntimeError(f"round {server_round}: no usable client reply ({'; '.join(rejected) or 'none arrived'})")
+            return None, MetricRecord({**counts, "bytes_up": 0})
         weights = normalized_weights([n for _, _, n, _ in ok])
         self._state = self.method.aggregate(self._state, [u for _, u, _, _ in ok], weights)
         losses = [loss for *_, loss in ok]
@@ -182,10 +213,8 @@ class LoraStrategy(Strategy):
             # absent when clients keep their loss to themselves (DP: it is computed from private records)
             **({"train_loss": float(sum(w * float(x) for w, x in zip(weights.tolist(), losses)))}
                if None not in losses else {}),
-            "num_clients": len(ok),
-            "num_rejected": len(rejected),
+            **counts,
             "bytes_up": sum(payload_bytes(u) for _, u, _, _ in ok),
-            "bytes_down": self._bytes_down,
             **self.method.round_metrics(),
         })
         return to_record(self._state), metrics
@@ -200,13 +229,15 @@ class LoraStrategy(Strategy):
         if not self.evaluate_clients:
             return []
         self._state = from_record(arrays)
+        self._outbox = []
         if self.method.personalized:
             pids = sorted(self.contacted) if config.get("final", False) else self.trained
         else:
             pids = self.sample(server_round, stream=1)
         cfg = ConfigRecord({**dict(config), "server-round": server_round})
         return [self._message(pid, RecordDict({
-            "arrays": to_record(self.method.downlink(self._state, self._client(pid, first_contact=False))),
+            "arrays": to_record(self.method.downlink(
+                self._state, self._client(pid, first_contact=pid not in self.contacted))),
             "config": cfg}), MessageType.EVALUATE) for pid in pids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -214,13 +245,25 @@ class LoraStrategy(Strategy):
 
         `client_*` on their local test splits; for a personalised method also `global_*`: each
         client's own model on the global test split, a plain mean over clients (same split).
+        Dropped replies (errors, missing, no examples) are counted in `client_eval_rejected` and
+        named in `self.eval_rejected`, as dropped train replies are.
         """
-        rows = [r.content["metrics"] for r in replies if not r.has_error()]
-        rows = [m for m in rows if int(m["num-examples"]) > 0]
+        got, rejected = self._received(replies)
+        rows = []
+        for pid, reply in got:
+            if reply.has_error():
+                rejected.append(f"client {pid}: error {reply.error.reason}")
+            elif int(reply.content["metrics"].get("num-examples", 0)) <= 0:
+                rejected.append(f"client {pid}: evaluated no examples")
+            else:
+                rows.append(reply.content["metrics"])
+        self.eval_rejected = rejected
+        for reason in rejected:
+            log(WARNING, "round %d: dropped evaluation reply from %s", server_round, reason)
         if not rows:
-            return None
+            return MetricRecord({"client_evaluated": 0, "client_eval_rejected": len(rejected)}) if rejected else None
         n = np.array([int(m["num-examples"]) for m in rows], dtype=np.float64)
-        out = {"client_evaluated": len(rows)}
+        out = {"client_evaluated": len(rows), "client_eval_rejected": len(rejected)}
         for key in ("accuracy", "loss"):
             out[f"client_{key}"] = float(n @ np.array([float(m[key]) for m in rows]) / n.sum())
             if all(f"global-{key}" in m for m in rows):

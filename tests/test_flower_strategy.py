@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.strategies import get_method
@@ -81,11 +81,42 @@ def test_bad_replies_are_dropped_and_counted():
     assert metrics["bytes_down"] == 5 * payload_bytes(state)
 
 
-def test_no_usable_reply_is_an_error_naming_the_reasons():
-    strategy, state = _strategy("fedit", k=2), _state()
+def _refusal(msg: Message) -> Message:
+    metrics = MetricRecord({"num-examples": 0, "refused": 1, "epsilon": 5.9})
+    return Message(RecordDict({"arrays": to_record({}), "metrics": metrics,
+                               "refusal": ConfigRecord({"reason": "budget spent"})}), reply_to=msg)
+
+
+def test_a_round_without_a_usable_reply_is_skipped_not_an_error():
+    strategy, state = _strategy("fedit", k=3), _state()
     msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
-    with pytest.raises(RuntimeError, match="no usable client reply.*reported no training examples"):
-        strategy.aggregate_train(1, [_reply(m, state, num_examples=0) for m in msgs])
+    # One client refuses (budget spent), one sends nothing usable, one fails: no update at all.
+    replies = [_refusal(msgs[0]), _reply(msgs[1], state, num_examples=0),
+               Message(Error(code=0, reason="out of memory"), reply_to=msgs[2])]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None  # the ServerApp keeps the model and marks the round skipped
+    assert metrics["num_clients"] == 0 and metrics["num_rejected"] == 2 and metrics["bytes_up"] == 0
+    assert any("reported no training examples" in r for r in strategy.rejected)
+    assert any("out of memory" in r for r in strategy.rejected)
+    assert strategy.privacy_metrics()["refused"] == 1 and len(strategy.exhausted) == 1
+
+
+def test_missing_and_failed_replies_are_named_by_the_message_they_answer():
+    """A reply is attributed through the message it answers (Flower sets message ids when it
+    sends), so an error made by the SuperLink for a vanished node names the right client, and a
+    client that never answered is counted too."""
+    strategy, state = _strategy("fedit", k=3), _state()
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
+    pid_of = {node: pid for pid, node in PARTITIONS.items()}
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"msg-{i}"
+    lost = Message(Error(code=0, reason="node went away"), reply_to=msgs[0])
+    lost.metadata.__dict__["_src_node_id"] = 0  # what a SuperLink-made error carries
+    _, metrics = strategy.aggregate_train(1, [lost, _reply(msgs[1], state)])
+    assert metrics["num_clients"] == 1 and metrics["num_rejected"] == 2
+    first, last = pid_of[msgs[0].metadata.dst_node_id], pid_of[msgs[2].metadata.dst_node_id]
+    assert f"client {first}: error node went away" in strategy.rejected
+    assert f"client {last}: no reply within round-timeout" in strategy.rejected
 
 
 def test_state_dict_round_trip():
@@ -146,4 +177,50 @@ def test_a_reply_from_a_client_that_was_not_sampled_is_dropped():
                        dst_node_id=next(n for n in PARTITIONS.values()
                                         if n not in {m.metadata.dst_node_id for m in msgs}))
     arrays, metrics = strategy.aggregate_train(1, [_reply(msgs[0], state), _reply(stranger, state)])
-    assert metrics["num_rejected"] == 1
+    assert metrics["num_clients"] == 1 and metrics["num_rejected"] == 2  # the stranger, and msgs[1]'s silence
+    assert any("answered although it was not sampled" in r for r in strategy.rejected)
+
+
+def test_ffa_evaluators_that_never_trained_get_a_until_they_answer():
+    """Client-side evaluation with partial participation: an evaluator that has not answered yet
+    must get the sent-once A with the model, and failed evaluation replies are counted."""
+    strategy = LoraStrategy(get_method("ffa"), partitions=PARTITIONS, clients_per_round=2, seed=2,
+                            evaluate_clients=True)  # seed 2: trains [1, 5], evaluates [0, 2]
+    state = _state()
+    trained = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
+    b = {"l.lora_B": torch.ones(4, 2), "head.w": torch.zeros(3, 4)}
+    arrays, _ = strategy.aggregate_train(1, [_reply(m, b) for m in trained])
+    trained_nodes = {m.metadata.dst_node_id for m in trained}
+    evals = list(strategy.configure_evaluate(1, arrays, ConfigRecord({"final": False}), None))
+    assert any(m.metadata.dst_node_id not in trained_nodes for m in evals[1:])  # this seed's sample
+    for m in evals:
+        assert ("l.lora_A" in m.content["arrays"]) == (m.metadata.dst_node_id not in trained_nodes)
+    ok = Message(RecordDict({"metrics": MetricRecord({"num-examples": 5, "accuracy": 0.5, "loss": 1.0})}),
+                 reply_to=evals[0])
+    failed = [Message(Error(code=0, reason="no A"), reply_to=m) for m in evals[1:]]
+    metrics = strategy.aggregate_evaluate(1, [ok, *failed])
+    assert metrics["client_evaluated"] == 1 and metrics["client_eval_rejected"] == len(failed)
+    assert all("no A" in r for r in strategy.eval_rejected)
+    # The evaluator that answered holds A now; those that failed still get it.
+    again = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, arrays, ConfigRecord({}), None)}
+    assert "l.lora_A" not in again[evals[0].metadata.dst_node_id].content["arrays"]
+    for m in evals[1:]:
+        held = m.metadata.dst_node_id in trained_nodes
+        assert ("l.lora_A" in again[m.metadata.dst_node_id].content["arrays"]) != held
+
+
+def test_a_fedsa_client_whose_reply_was_dropped_is_not_sent_the_initial_b_again():
+    """Any reply without an error means the client holds the sent-once factor (FedSA: its own B
+    from then on), even when the reply itself is rejected."""
+    strategy = _strategy("fedsa", k=len(PARTITIONS))
+    state = _big_state()
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
+    bad = {"l.lora_A": torch.full((4, 6), float("nan")), "head.w": torch.ones(3, 4)}  # rejected
+    good = {"l.lora_A": torch.ones(4, 6), "head.w": torch.ones(3, 4)}
+    replies = [_reply(msgs[0], bad), *(_reply(m, good) for m in msgs[1:-1])]  # the last one is silent
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["num_rejected"] == 2
+    later = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord(), None)}
+    for m in msgs[:-1]:
+        assert "l.lora_B" not in later[m.metadata.dst_node_id].content["arrays"]
+    assert "l.lora_B" in later[msgs[-1].metadata.dst_node_id].content["arrays"]  # it may not hold B

@@ -48,25 +48,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny BERT with a tokenizer that knows its words.
-
-    conftest's `BertTokenizerFast(vocab_file=...)` is ignored by transformers 5 (the argument is
-    now `vocab`), so that tokenizer maps every word to [UNK] and the texts carry no signal; the
-    learning test needs one.
-    """
-    from transformers import BertTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-bert-vocab")
-    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
-    BertTokenizerFast(vocab=str(tiny_model_dir / "vocab.txt")).save_pretrained(path)
-    return path
-
-
 @pytest.fixture
-def cfg(tiny_overrides, model_dir) -> RunConfig:
-    return RunConfig.from_run_config({**tiny_overrides, "model": str(model_dir), "lora-dropout": 0.0})
+def cfg(tiny_overrides) -> RunConfig:
+    return RunConfig.from_run_config({**tiny_overrides, "lora-dropout": 0.0})
+
+
+def test_the_tiny_tokenizer_knows_the_words_of_the_texts(tiny_model_dir):
+    """The learning tests below need texts that carry a signal: no word may become [UNK]."""
+    from transformers import AutoTokenizer
+
+    from conftest import FILLER, WORDS
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    words = [*FILLER, *" ".join(WORDS.values()).split()]
+    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(words) and tokenizer.unk_token_id not in ids
 
 
 @pytest.fixture
@@ -157,6 +153,64 @@ def test_ledger_resumes_from_its_file_and_refuses_another_budget(tmp_path):
         PrivacyLedger.load(path)
     with pytest.raises(PrivacyError, match="epsilon"):
         PrivacyLedger(0.0, DELTA)
+
+
+def test_a_ledger_file_is_checked_against_the_accountant(tmp_path):
+    path = tmp_path / "0.json"
+    ledger = PrivacyLedger(6.0, DELTA, "rdp")
+    for rnd in (1, 2):
+        ledger.record(rnd, 1.1, 0.05, 10)
+    ledger.save(path)
+    assert PrivacyLedger.load(path).epsilon == ledger.epsilon  # an honest file loads
+
+    state = json.loads(path.read_text())
+    honest = state["participations"][-1]["epsilon"]
+    for stored in (honest * 0.9, honest * (1 + 1e-5)):  # under-reported, or off beyond 1e-6
+        state["participations"][-1]["epsilon"] = stored
+        path.write_text(json.dumps(state))
+        with pytest.raises(PrivacyError, match=rf"{path}: the stored ε = .* does not match ε = "):
+            PrivacyLedger.load(path)
+    state["participations"][-1]["epsilon"] = honest * (1 + 1e-7)  # within the tolerance
+    path.write_text(json.dumps(state))
+    assert PrivacyLedger.load(path).epsilon == pytest.approx(honest)
+    state["participations"][-1]["epsilon"] = honest
+    state["participations"][0]["sigma"] = 5.0  # the history changed under a stored ε
+    path.write_text(json.dumps(state))
+    with pytest.raises(PrivacyError, match="does not match"):
+        PrivacyLedger.open(path, 6.0, DELTA, "rdp")
+    state["participations"][0]["sigma"] = 1.1
+    state["participations"][0]["epsilon"] = honest * 2  # ε can only grow
+    path.write_text(json.dumps(state))
+    with pytest.raises(PrivacyError, match="decrease"):
+        PrivacyLedger.load(path)
+    assert cli(["privacy", "report", str(tmp_path)]) == 2  # the report shows checked values only
+
+
+def test_the_check_is_memoised_on_disk_across_processes(tmp_path, monkeypatch):
+    """PRV costs about a second per ε: a client that recorded a history, a reload of its ledger
+    and a report over many ledgers must not pay for it again, also in a fresh process."""
+    from opacus.accountants import PRVAccountant
+
+    from fedlora.privacy import cache
+
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_memory", {})
+    calls = []
+    original = PRVAccountant.get_epsilon
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, delta, **kw: calls.append(1) or original(self, delta, **kw))
+    ledger = PrivacyLedger(6.0, DELTA, "prv")
+    assert ledger.epsilon_after(1.1, 0.05, 10) == ledger.record(1, 1.1, 0.05, 10)
+    assert len(calls) == 1  # asking first, then recording the same history: one accountant call
+    ledger.save(tmp_path / "privacy" / "0.json")
+    monkeypatch.setattr(cache, "_memory", {})  # a new process: only the file remains
+    assert PrivacyLedger.load(tmp_path / "privacy" / "0.json").epsilon == ledger.epsilon
+    assert cli(["privacy", "report", str(tmp_path)]) == 0
+    assert len(calls) == 1
+    assert cache.cache_path() == tmp_path / "cache" / "accountant.json"
+    cache.cache_path().write_text("{broken")  # an unreadable cache costs time, nothing else
+    monkeypatch.setattr(cache, "_memory", {})
+    assert PrivacyLedger.load(tmp_path / "privacy" / "0.json").epsilon == ledger.epsilon
+    assert len(calls) == 2
 
 
 def test_epsilon_after_detects_a_participation_over_budget():
@@ -265,7 +319,7 @@ def test_hooks_and_ghost_take_the_same_noisy_poisson_steps(cfg, train_data):
     results = []
     for mode in ("hooks", "ghost"):
         bundle = build_model(cfg, 3)
-        dp = DPSettings(1.0, 0.5, sample_rate(len(train_data), cfg.batch_size), mode)
+        dp = DPSettings(1.0, 0.5, sample_rate(len(train_data), cfg.batch_size), mode, reproducible=True)
         losses = train_local(bundle, train_data, cfg, _keys(bundle, "A+B+head"), seed=(3, 1, 0), dp=dp)
         results.append((losses, _snapshot(bundle)))
     (loss_h, state_h), (loss_g, state_g) = results
@@ -273,19 +327,34 @@ def test_hooks_and_ghost_take_the_same_noisy_poisson_steps(cfg, train_data):
     assert all(torch.allclose(state_h[k], state_g[k], atol=1e-5) for k in state_h)
 
 
+def _recording_batches(monkeypatch) -> list[list[int]]:
+    """Every Poisson batch that `dp_sgd_steps` draws from now on, as index lists."""
+    from fedlora.privacy import dpsgd
+
+    drawn: list[list[int]] = []
+
+    def record(n, q, rng):
+        idx = poisson_batch(n, q, rng)
+        drawn.append(idx.tolist())
+        return idx
+
+    monkeypatch.setattr(dpsgd, "poisson_batch", record)
+    return drawn
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_an_empty_poisson_batch_is_a_counted_noise_only_step(cfg, train_data, mode):
+def test_an_empty_poisson_batch_is_a_counted_noise_only_step(cfg, train_data, mode, monkeypatch):
     cfg = cfg.replace(optimizer="sgd", learning_rate=1e-3, local_steps=4)
     data = train_data.subset(np.arange(2))
-    q = 0.01  # with this seed every one of the 4 batches is empty
-    rng = np.random.default_rng([0, 2, 0])
-    assert all(len(poisson_batch(2, q, rng)) == 0 for _ in range(4))
-
+    q = 0.01
+    drawn = _recording_batches(monkeypatch)
     bundle = build_model(cfg, 3)
     keys = _keys(bundle, "A+B+head")
     before = _snapshot(bundle)
     sigma, clip = 1.0, 2.0
-    losses = train_local(bundle, data, cfg, keys, seed=(0, 2, 0), dp=DPSettings(sigma, clip, q, mode))
+    dp = DPSettings(sigma, clip, q, mode, reproducible=True)  # with this seed every batch is empty
+    losses = train_local(bundle, data, cfg, keys, seed=(0, 1, 0), dp=dp)
+    assert drawn == [[]] * 4
     assert len(losses) == 4 and all(math.isnan(x) for x in losses)  # one entry per counted step
     # the update is pure noise N(0, σ²C²) per step, over the expected batch q·n, times lr
     noise = torch.cat([(before[k] - bundle.params[k].detach()).flatten() for k in keys])
@@ -293,24 +362,37 @@ def test_an_empty_poisson_batch_is_a_counted_noise_only_step(cfg, train_data, mo
     assert 0.9 < float(noise.std()) < 1.1 and abs(float(noise.mean())) < 0.1
 
     still = _snapshot(bundle)
-    losses = train_local(bundle, data, cfg, keys, seed=(0, 2, 0), dp=DPSettings(0.0, clip, q, mode))
-    assert len(losses) == 4
+    losses = train_local(bundle, data, cfg, keys, seed=(0, 1, 0),
+                         dp=DPSettings(0.0, clip, q, mode, reproducible=True))
+    assert len(losses) == 4 and drawn[4:] == [[]] * 4
     assert all(torch.equal(still[k], bundle.params[k]) for k in keys)  # σ = 0: nothing to add
 
 
-def test_noise_is_reproducible_from_the_seed_unless_secret(cfg, train_data):
-    cfg = cfg.replace(local_steps=2)
+def test_dp_batches_and_noise_are_secret_unless_reproducible(cfg, train_data, monkeypatch):
+    """Under DP the run seed (known to the server) must not tell which records a step used, nor
+    the noise: two runs with the same seed differ; `reproducible` makes them identical."""
+    cfg = cfg.replace(local_steps=3, batch_size=16)
+    drawn = _recording_batches(monkeypatch)
 
-    def run(seed, **kw) -> torch.Tensor:
+    def run(seed, reproducible: bool) -> tuple[list[list[int]], torch.Tensor]:
+        start = len(drawn)
         bundle = build_model(cfg, 3)
-        dp = DPSettings(1.0, 1.0, sample_rate(len(train_data), cfg.batch_size), **kw)
+        dp = DPSettings(1.0, 1.0, sample_rate(len(train_data), cfg.batch_size), reproducible=reproducible)
         train_local(bundle, train_data, cfg, _keys(bundle, "B"), seed=seed, dp=dp)
-        return torch.cat([p.detach().flatten() for p in bundle.params.values()])
+        return drawn[start:], torch.cat([p.detach().flatten() for p in bundle.params.values()])
 
-    first = run((0, 1, 0))
-    assert torch.equal(first, run((0, 1, 0)))
-    assert not torch.equal(first, run((0, 2, 0)))
-    assert not torch.equal(run((0, 1, 0), secret_noise=True), first)
+    secret = [run((0, 1, 0), reproducible=False) for _ in range(2)]
+    assert secret[0][0] != secret[1][0]  # other records sampled
+    assert not torch.equal(secret[0][1], secret[1][1])
+    first = run((0, 1, 0), reproducible=True)
+    again = run((0, 1, 0), reproducible=True)
+    assert first[0] == again[0] and torch.equal(first[1], again[1])
+    other = run((0, 2, 0), reproducible=True)
+    assert other[0] != first[0] and not torch.equal(other[1], first[1])
+    with pytest.raises(ValueError, match="needs a seed"):
+        dp_sgd_steps(build_model(cfg, 3).model, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]),
+                     DPSettings(1.0, 1.0, 0.5, reproducible=True), num_examples=4, steps=1,
+                     forward=lambda idx: pytest.fail("must not run"))
 
 
 def _hook_counts(model: torch.nn.Module) -> int:
@@ -321,7 +403,7 @@ def test_hooks_are_removed_also_after_an_exception_mid_step(cfg, train_data):
     bundle = build_model(cfg, 3)
     keys = _keys(bundle, "A+B+head")
     hooks_before = _hook_counts(bundle.model)
-    dp = DPSettings(1.0, 1.0, 0.5)
+    dp = DPSettings(1.0, 1.0, 0.5, reproducible=True)  # this seed's first batch is not empty
 
     def failing_forward(idx):
         bundle.model(**bundle.tokenizer(["good"] * len(idx), return_tensors="pt"))  # activations kept
@@ -334,8 +416,7 @@ def test_hooks_are_removed_also_after_an_exception_mid_step(cfg, train_data):
     bundle.model.train()
     optimizer = torch.optim.SGD([bundle.params[k] for k in keys], lr=0.1)
     with pytest.raises(RuntimeError, match="data loader broke"):
-        dp_sgd_steps(bundle.model, optimizer, dp, num_examples=8, steps=2, forward=failing_forward,
-                     rng=np.random.default_rng(0), noise_seed=0)
+        dp_sgd_steps(bundle.model, optimizer, dp, num_examples=8, steps=2, forward=failing_forward, seed=(0,))
     assert _hook_counts(bundle.model) == hooks_before
     assert not hasattr(bundle.model, "autograd_grad_sample_hooks")
     assert not any("activations" in m.__dict__ for m in bundle.model.modules())
@@ -356,13 +437,13 @@ def test_stale_or_inert_optimizer_parameters_are_refused(cfg):
     param.requires_grad_(True)
     bundle.model.train()
     dp = DPSettings(1.0, 1.0, 0.5)
-    kwargs = {"num_examples": 4, "steps": 1, "rng": np.random.default_rng(0), "noise_seed": 0,
-              "forward": lambda idx: pytest.fail("must not run")}
+    kwargs = {"num_examples": 4, "steps": 1, "forward": lambda idx: pytest.fail("must not run"), "seed": (0,)}
     stale = torch.nn.Parameter(param.detach().clone())
     with pytest.raises(ValueError, match="not trainable parameters of the model"):
         dp_sgd_steps(bundle.model, torch.optim.SGD([stale], lr=0.1), dp, **kwargs)
     with pytest.raises(RuntimeError, match="opacus #820"):  # lr 0: the noisy step changes nothing
-        dp_sgd_steps(bundle.model, torch.optim.SGD([param], lr=0.0), DPSettings(1.0, 1.0, 1e-6), **kwargs)
+        dp_sgd_steps(bundle.model, torch.optim.SGD([param], lr=0.0),
+                     DPSettings(1.0, 1.0, 1e-6, reproducible=True), **kwargs)
     assert not hasattr(bundle.model, "autograd_grad_sample_hooks")
 
 
@@ -380,20 +461,35 @@ def test_dp_settings_are_validated(bad, match):
 # the command line
 
 
-def test_privacy_plan_prints_sigma_or_epsilon(capsys):
-    assert cli(["privacy", "plan", "--epsilon", "6", "--delta", "1e-5", "--sample-rate", "0.05",
-                "--steps", "50", "--accountant", "rdp", "--json"]) == 0
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_privacy_plan_agrees_with_opacus(capsys, accountant):
+    """σ for a target must be Opacus' own answer and reach the target (just below it) when Opacus
+    accounts the steps itself; ε for a σ must be what Opacus' accountant says."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    q, steps = 0.05, 50
+    assert cli(["privacy", "plan", "--epsilon", "6", "--delta", "1e-5", "--sample-rate", str(q),
+                "--steps", str(steps), "--accountant", accountant, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["sigma"] == noise_multiplier(6.0, DELTA, 0.05, 50, "rdp") and out["epsilon"] <= 6.0
+    assert out["sigma"] == pytest.approx(get_noise_multiplier(
+        target_epsilon=6.0, target_delta=DELTA, sample_rate=q, steps=steps, accountant=accountant), rel=1e-12)
+    independent = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
+    for _ in range(steps):
+        independent.step(noise_multiplier=out["sigma"], sample_rate=q)
+    reached = independent.get_epsilon(delta=DELTA)
+    assert 6.0 - 0.05 <= reached <= 6.0 and out["epsilon"] == pytest.approx(reached, rel=1e-6)
 
     assert cli(["privacy", "plan", "--sigma", "1.0", "--delta", "1e-5", "--num-examples", "1000",
-                "--batch-size", "32", "--steps", "50", "--json"]) == 0
+                "--batch-size", "32", "--steps", "50", "--accountant", accountant, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["sample_rate"] == 0.032 and out["accountant"] == "prv"
-    assert out["epsilon"] == epsilon([(1.0, 0.032, 50)], DELTA, "prv")
+    assert out["sample_rate"] == 0.032 and out["accountant"] == accountant
+    independent = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
+    for _ in range(50):
+        independent.step(noise_multiplier=1.0, sample_rate=0.032)
+    assert out["epsilon"] == pytest.approx(independent.get_epsilon(delta=DELTA), rel=1e-6)
 
     assert cli(["privacy", "plan", "--sigma", "1.0", "--delta", "1e-5", "--sample-rate", "0.032",
-                "--steps", "50"]) == 0
+                "--steps", "50", "--accountant", accountant]) == 0
     assert f"ε = {out['epsilon']:.6g}" in capsys.readouterr().out
 
 

@@ -420,3 +420,23 @@ def test_b_only_uplink_bytes(name, dtype):
     from fedlora.strategies.flower import payload_bytes
 
     assert payload_bytes(uplink) == expected
+
+
+def test_flexlora_completes_a_with_rows_drawn_from_the_run_seed():
+    """A round whose clients offer fewer directions than the global rank (one client of rank 2,
+    global rank 4) completes A with orthonormal rows: from the run `seed`, not a fixed one."""
+    from fedlora.strategies import get_method
+
+    g = torch.Generator().manual_seed(0)
+    state = {"l.lora_A": torch.randn(4, 12, generator=g), "l.lora_B": torch.zeros(10, 4)}
+    update = {"l.lora_A": torch.randn(2, 12, generator=g), "l.lora_B": torch.randn(10, 2, generator=g)}
+    weights = torch.ones(1, dtype=torch.float64)
+
+    def a_after(seed: int) -> torch.Tensor:
+        return get_method("flexlora", {"seed": seed}).aggregate(state, [update], weights)["l.lora_A"]
+
+    a0, a1 = a_after(0), a_after(1)
+    assert torch.equal(a0, a_after(0)) and torch.equal(a0[:2], a1[:2])  # the SVD directions agree
+    assert not torch.allclose(a0[2:], a1[2:])  # the completion follows the seed
+    for a in (a0, a1):
+        torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)

@@ -289,7 +289,7 @@ def _check_lorafair(case: Case, rnd: Round, layer: str) -> None:
     delta = (0.5 * (b_new - b_bar)).requires_grad_(True)
     corrected = (b_bar + delta) @ a_bar
     dense_loss = 1 - (corrected * dw).sum() / (torch.linalg.norm(corrected) * torch.linalg.norm(dw))
-    dense_loss = dense_loss + lam * (delta * delta).sum()
+    dense_loss = dense_loss + lam * (delta * delta).sum() / (b_bar * b_bar).sum()  # relative to ‖B̄‖² (B̄ ≠ 0 here)
     dense_loss.backward()
     loss, grad = problem.loss_and_grad(delta.detach(), lam)
     assert loss == pytest.approx(float(dense_loss.detach()), rel=1e-12)
