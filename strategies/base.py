@@ -142,7 +142,8 @@ class LoraMethod:
     - `personalized`: each client keeps its own B and never sends it (FedSA); there is no global model.
     - `mixed_ranks`: clients may use different LoRA ranks (`lora-ranks`); others refuse them.
     - `changes_base`: the method folds updates into the base weights (the run exports a merged model).
-    - `sent_once`: a factor (suffix) sent only on first contact; the client keeps its copy.
+    - `sent_once`: a factor (suffix) sent only until the client first answers without an error;
+      the client keeps its copy and never overwrites it (FFA-LoRA's A, FedSA's own B).
     - `defaults`: run-config values this method prefers where the user left them `"auto"`.
     """
 
