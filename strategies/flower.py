@@ -111,25 +111,28 @@ class LoraStrategy(Strategy):
         self._outbox.append((pid, msg))
         return msg
 
-    def _sender(self, reply: Message) -> int:
-        """The partition a reply is from: by the message it answers (Flower sets message ids when it
-        sends), else by its source node. An error reply made by the SuperLink for a node that went
-        away carries no useful source node, but it still answers one of our messages."""
-        answered = reply.metadata.reply_to_message_id
-        for pid, msg in self._outbox:
-            if answered and msg.metadata.message_id == answered:
-                return pid
-        return self._pid_of_node.get(reply.metadata.src_node_id, -1)
-
     def _received(self, replies: Iterable[Message]) -> tuple[list[tuple[int, Message]], list[str]]:
-        """(partition, reply) of every reply, with the partitions that sent none named; every
-        partition that answered without an error is marked as contacted."""
-        got = [(self._sender(r), r) for r in replies]
-        self.contacted.update(pid for pid, r in got if pid in self.partitions and not r.has_error())
-        answered = {pid for pid, _ in got}
-        missing = [f"client {pid}: no reply within round-timeout" for pid, _ in self._outbox if pid not in answered]
+        """(partition, reply) of every reply without an error, and why the others count as dropped:
+        error replies and partitions that sent none. Every partition that answered without an
+        error is marked as contacted.
+
+        A reply's partition is found by the message it answers (Flower sets message ids when it
+        sends), else by its source node: an error made by the SuperLink for a node that went away
+        carries no useful source node, but it still answers one of our messages."""
+        by_id = {msg.metadata.message_id: pid for pid, msg in self._outbox if msg.metadata.message_id}
+        got, dropped, answered = [], [], set()
+        for reply in replies:
+            pid = by_id.get(reply.metadata.reply_to_message_id,
+                            self._pid_of_node.get(reply.metadata.src_node_id, -1))
+            answered.add(pid)
+            if reply.has_error():
+                dropped.append(f"client {pid}: error {reply.error.reason}")
+            else:
+                got.append((pid, reply))
+        self.contacted.update(pid for pid, _ in got if pid in self.partitions)
+        dropped += [f"client {pid}: no reply within round-timeout" for pid, _ in self._outbox if pid not in answered]
         self._outbox = []
-        return got, missing
+        return got, dropped
 
     def _client(self, pid: int, *, first_contact: bool) -> ClientSpec:
         return ClientSpec(pid, self.ranks.get(pid, lora_rank(self._state)), first_contact)
@@ -155,9 +158,6 @@ class LoraStrategy(Strategy):
         ok = []
         got, rejected = self._received(replies)
         for pid, reply in got:
-            if reply.has_error():
-                rejected.append(f"client {pid}: error {reply.error.reason}")
-                continue
             if pid not in self._sent:
                 rejected.append(f"client {pid}: answered although it was not sampled")
                 continue
@@ -251,9 +251,7 @@ class LoraStrategy(Strategy):
         got, rejected = self._received(replies)
         rows = []
         for pid, reply in got:
-            if reply.has_error():
-                rejected.append(f"client {pid}: error {reply.error.reason}")
-            elif int(reply.content["metrics"].get("num-examples", 0)) <= 0:
+            if int(reply.content["metrics"].get("num-examples", 0)) <= 0:
                 rejected.append(f"client {pid}: evaluated no examples")
             else:
                 rows.append(reply.content["metrics"])
