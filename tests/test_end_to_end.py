@@ -33,12 +33,25 @@ def _started_by_these_tests(pid: str) -> bool:
         return False
 
 
+def _processes() -> list[tuple[str, str, str, str]]:
+    """(pid, parent pid, state, command line) of every live process, read from /proc: `ps` cuts its
+    output to $COLUMNS, which hid the SuperLink's long path on a CI machine."""
+    rows = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone since the listing
+            continue
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the name in (...) may hold spaces
+        rows.append((proc.name, ppid, state, cmdline))
+    return rows
+
+
 def _flower_pids() -> set[str]:
     """Live Flower processes started by this test session (zombies awaiting their reaper are not running)."""
-    res = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True)
-    rows = (line.split(None, 2) for line in res.stdout.splitlines())
-    return {pid for pid, stat, args in (r for r in rows if len(r) == 3)
-            if not stat.startswith("Z") and re.search(FLOWER_PROCS, args) and _started_by_these_tests(pid)}
+    return {pid for pid, _, state, args in _processes()
+            if state != "Z" and re.search(FLOWER_PROCS, args) and _started_by_these_tests(pid)}
 
 
 @pytest.fixture(autouse=True)
@@ -379,9 +392,8 @@ def test_a_superlink_that_dies_ends_the_run_with_an_error(start_run, tiny_overri
     with (tmp_path / "stderr").open("w") as stderr:
         proc = start_run({**tiny_overrides, "num-server-rounds": 50, "output-dir": str(out)}, stderr)
     assert _printed(proc, "round 1/50", timeout=180), "the run never reached round 1"
-    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(proc.pid)], capture_output=True,
-                              text=True).stdout.splitlines()
-    (superlink,) = [int(row.split()[0]) for row in children if "flower-superlink" in row]
+    (superlink,) = [int(pid) for pid, ppid, _, args in _processes()
+                    if ppid == str(proc.pid) and "flower-superlink" in args]
     os.kill(superlink, signal.SIGKILL)
     t0 = time.monotonic()
     assert proc.wait(timeout=120) == 1
