@@ -1,185 +1,280 @@
-"""The fedlora ClientApp: trains the LoRA factors its strategy asks for on the local partition.
+"""The fedlora ClientApp: trains the LoRA factors its strategy asks for on the site's data.
 
 One process (a simulation worker or a deployment SuperNode's app process) loads the base model
 once per LoRA rank and reuses it for every round and every virtual client: each message sets all
 exchanged tensors (LoRA A, B and a trainable head) and the base weights (W0 plus the change the
 message carries, if any; W0 itself is kept pristine), so nothing leaks from one client or round
 to the next. What a client keeps between rounds lives in its node's `context.state`: the arrays
-a method sends only once (FFA-LoRA's fixed A) and the factors it never sends (FedSA's own B).
+a method sends only once (FFA-LoRA's fixed A) and the factors it never sends (FedSA's own B, also
+saved in the site's folder, so that a resumed job finds it).
 
-Under `dp = true` a client trains with DP-SGD and keeps its privacy ledger (every participation:
-round, σ, q, steps, ε after it) in its node state and in a JSON file, so the budget survives
-restarts; it refuses to train, with an explicit refusal reply, once the next participation would
-take it past `target-epsilon`. Its raw train loss is not sent.
+The site (`client/site.py`: its node config) decides what it trains on (`data=`, its own file, or
+the simulation's partition), where its files go (`site-dir`) and its policy: it refuses a job it
+does not accept (non-private under `require-dp`, its own data without the run's `labels`, a file
+that fails validation) in its answer to the server's first query, and it keeps its local metrics
+unless `allow-evaluation` lets them leave.
 
-Node config: `partition-id`, `num-partitions` (required), `lora-rank` (optional: overrides the
-rank `lora-ranks` assigns to this partition), `privacy-dir` (where the ledger file lives;
-default `<output-dir>/privacy`, which suits simulation; a deployment site should set it).
+Under `dp = true` a client trains with DP-SGD and keeps one privacy ledger for every job it joins
+(round, job, Flower run, σ, q, steps, ε after it) in a file, so the budget survives restarts and
+spans jobs; it refuses to train, with an explicit refusal reply, once the next participation would
+take this job past `target-epsilon` or the site past its own `site-epsilon`. Its raw train loss is
+not sent. With a `site-dir`, every reply that leaves the site is logged in `<site-dir>/sent.jsonl`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors.torch import load_file, save_file
 
-from fedlora.core.config import ConfigError, RunConfig
-from fedlora.core.data import ClientData, client_data, load_text_data, split_test
+from fedlora.core.config import RunConfig
+from fedlora.core.data import ClientData, client_data, label_names, server_test
 from fedlora.core.model import ModelBundle, build_model, load_state, pick_device, save_adapter
 from fedlora.core.train import evaluate, train_local
-from fedlora.privacy import DPSettings, PrivacyLedger, noise_multiplier, sample_rate
-from fedlora.privacy.report import LEDGER_DIR
+from fedlora.core.version import VERSION
+from fedlora.privacy import DPSettings, PrivacyError, PrivacyLedger, epsilon, noise_for, noise_multiplier, sample_rate
 from fedlora.strategies import get_method
 from fedlora.strategies.base import is_delta_key
-from fedlora.strategies.flower import from_record, to_record
+from fedlora.strategies.flower import from_record, payload_bytes, to_record
+
+from .site import Site
 
 __all__ = ["app"]
 
 app = ClientApp()
 
 _KEPT = "fedlora.kept"  # context.state key: the client's copy of the adapter between rounds
-_LEDGER = "fedlora.ledger"  # context.state key: the client's privacy ledger (JSON)
+_LEDGER = "fedlora.ledger"  # context.state key: a copy of the site's ledger (JSON), should its file be lost
 
 
 @functools.lru_cache(maxsize=4)  # one model per LoRA rank in use on this worker
 def _bundle(cfg: RunConfig) -> ModelBundle:
-    data = load_text_data(cfg)
-    bundle = build_model(cfg, len(data.label_names), dict(enumerate(data.label_names)))
+    names = label_names(cfg)
+    bundle = build_model(cfg, len(names), dict(enumerate(names)))
     bundle.model.to(pick_device())
     return bundle
 
 
-def _identity(context: Context, cfg: RunConfig) -> tuple[int, int, int]:
-    """(partition-id, num-partitions, LoRA rank) of this node."""
-    try:
-        pid, num = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as exc:
-        raise ConfigError(f"node config lacks {exc}: start the SuperNode with "
-                          "--node-config 'partition-id=<i> num-partitions=<n>'") from None
-    rank = int(context.node_config.get("lora-rank", cfg.client_rank(pid)))
-    if rank <= 0:
-        raise ConfigError(f"node config lora-rank={rank} must be > 0")
-    return pid, num, rank
+def _site(context: Context) -> Site:
+    return Site.from_node_config(context.node_config)
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, ModelBundle, ClientData, int]:
+def _data(cfg: RunConfig, site: Site) -> ClientData:
+    return client_data(cfg, site.partition_id, site.num_partitions, source=site.data,
+                       text_column=site.text_column, label_column=site.label_column)
+
+
+def _job(msg: Message) -> str:
+    return str(msg.content["config"].get("job", ""))
+
+
+def _refuse(msg: Message, reason: str, **metrics: float) -> Message:
+    """An explicit refusal: the server counts it with its reason and does not treat it as a failure."""
+    return Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 0, "refused": 1,
+                                                                                 **metrics}),
+                               "refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
+
+
+def _kept_file(cfg: RunConfig, site: Site, job: str) -> Path | None:
+    folder = site.folder(cfg)
+    return folder / "state" / f"{job or 'job'}.safetensors" if folder else None
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, ModelBundle, ClientData]:
     cfg = RunConfig.from_run_config(context.run_config)
-    pid, num, rank = _identity(context, cfg)
-    bundle = _bundle(cfg.replace(lora_rank=rank))
+    site = _site(context)
+    bundle = _bundle(cfg.replace(lora_rank=site.rank(cfg)))
     received = from_record(msg.content["arrays"])
     # What the server did not send this time (FFA's fixed A, FedSA's own B) comes from the node's
-    # copy; the base-weight change is never kept: every message carries the whole of it. A
+    # copy, or from the site's folder when the node state was lost (a resumed job is a new Flower
+    # run); the base-weight change is never kept: every message carries the whole of it. A
     # sent-once or personal factor the node already holds is never overwritten: the server resends
     # it until it has seen a reply, and FedSA's resent initial B must not replace the client's own.
-    kept = from_record(context.state[_KEPT]) if _KEPT in context.state else {}
+    kept_file = _kept_file(cfg, site, _job(msg))
+    if _KEPT in context.state:
+        kept = from_record(context.state[_KEPT])
+    else:
+        kept = load_file(kept_file) if kept_file and kept_file.exists() else {}
     once = get_method(cfg.strategy).sent_once
     kept.update({k: v for k, v in received.items()
                  if not is_delta_key(k) and not (once and k.endswith(once) and k in kept)})
     missing = sorted(set(bundle.params) - set(kept))
     if missing:
-        raise RuntimeError(f"client {pid} has no value for {missing[:3]}... (the server sends "
+        raise RuntimeError(f"client {site.partition_id} has no value for {missing[:3]}... (the server sends "
                            "them on first contact; was this node's state lost?)")
     context.state[_KEPT] = to_record(kept)
     load_state(bundle, {**kept, **{k: v for k, v in received.items() if is_delta_key(k)}})
-    return cfg, bundle, client_data(cfg, pid, num), pid
+    return cfg, site, bundle, _data(cfg, site)
+
+
+def _log_sent(cfg: RunConfig, site: Site, msg: Message, context: Context, reply: Message) -> Message:
+    """Append what leaves the site to `<site-dir>/sent.jsonl` (only with a site-dir: the simulation's
+    virtual sites have no operator to read it)."""
+    if site.site_dir:
+        content = reply.content
+        arrays = from_record(content["arrays"]) if "arrays" in content else {}
+        row = {"time": time.time(), "job": _job(msg), "run": context.run_id, "kind": msg.metadata.message_type,
+               "round": int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0,
+               "bytes": payload_bytes(arrays), "arrays": {k: list(v.shape) for k, v in arrays.items()},
+               "metrics": {k: v for k, v in dict(content["metrics"]).items()} if "metrics" in content else {},
+               "refusal": str(content["refusal"]["reason"]) if "refusal" in content else None}
+        path = Path(site.site_dir) / "sent.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+    return reply
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds and its LoRA rank."""
-    pid, num, rank = _identity(context, RunConfig.from_run_config(context.run_config))
-    metrics = MetricRecord({"partition-id": pid, "num-partitions": num, "lora-rank": rank})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    """Tell the server who this site is (id, rank, fedlora version), or why it refuses the job.
+
+    The site's data is loaded and checked here, so that a bad file is reported before round 1.
+    """
+    cfg = RunConfig.from_run_config(context.run_config)
+    site = _site(context)
+    metrics = MetricRecord({"partition-id": site.partition_id, "num-partitions": site.num_partitions,
+                            "lora-rank": site.rank(cfg)})
+    content = {"metrics": metrics, "site": ConfigRecord({"version": VERSION})}
+    reason = site.refusal(cfg)
+    if reason is None:
+        try:
+            data = _data(cfg, site)
+            metrics["num-examples"], metrics["num-test-examples"] = len(data.train), len(data.test)
+        except ValueError as exc:  # ConfigError / DataError: names the file, column and values
+            reason = f"site {site.partition_id}: {exc}"
+    if reason is not None:
+        content["refusal"] = ConfigRecord({"reason": reason})
+    return _log_sent(cfg, site, msg, context, Message(RecordDict(content), reply_to=msg))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train what the strategy trains for `local-steps` steps; send back what it shares."""
-    cfg, bundle, data, pid = _setup(msg, context)
+    cfg, site, bundle, data = _setup(msg, context)
+    reason = site.refusal(cfg)
+    if reason is not None:
+        return _log_sent(cfg, site, msg, context, _refuse(msg, reason))
     method = get_method(cfg.strategy)
-    server_round = int(msg.content["config"]["server-round"])
-    dp = ledger = None
-    if cfg.dp:
-        ledger, ledger_file = _ledger(cfg, context, pid)
-        dp = _dp_settings(cfg, len(data.train))
-        eps_next = ledger.epsilon_after(dp.noise_multiplier, dp.sample_rate, cfg.local_steps)
-        if eps_next > cfg.target_epsilon:
-            reason = (f"client {pid}: one more round would spend ε = {eps_next:.3f} > target "
-                      f"{cfg.target_epsilon:g} (spent {ledger.epsilon:.3f})")
-            metrics = MetricRecord({"num-examples": 0, "refused": 1, "epsilon": ledger.epsilon})
-            return Message(RecordDict({"arrays": ArrayRecord(), "metrics": metrics,
-                                       "refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
-    losses = train_local(bundle, data.train, cfg, method.trainable_keys(bundle.params),
-                         seed=(cfg.seed, server_round, pid), dp=dp)
-    trained = {k: bundle.params[k].detach().cpu().clone() for k in method.trainable_keys(bundle.params)}
-    kept = from_record(context.state[_KEPT])
-    kept.update(trained)  # FedSA's B must survive to the next round; the rest is resent anyway
-    context.state[_KEPT] = to_record(kept)
-    uplink = {k: trained[k] for k in method.uplink_keys(bundle.params)}
-    metrics = {"num-examples": len(data.train)}
-    if ledger is not None:
-        # Recorded (and saved) before the update leaves: the update is what spends the budget.
-        metrics["epsilon"] = ledger.record(server_round, dp.noise_multiplier, dp.sample_rate, cfg.local_steps)
-        _save_ledger(ledger, ledger_file, context)
-    else:  # under DP the loss on private records would be an unprotected release
-        metrics["train-loss"] = float(np.nanmean(losses))
-    return Message(RecordDict({"arrays": to_record(uplink), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    server_round, job = int(msg.content["config"]["server-round"]), _job(msg)
+    with _ledger(cfg, site, context) as ledger:
+        dp = None
+        if ledger is not None:
+            dp, why_not = _dp_settings(cfg, ledger, job, len(data.train))
+            if dp is None:
+                return _log_sent(cfg, site, msg, context, _refuse(
+                    msg, f"client {site.partition_id}: {why_not}", epsilon=ledger.epsilon_of(job, cfg.target_delta)))
+        losses = train_local(bundle, data.train, cfg, method.trainable_keys(bundle.params),
+                             seed=(cfg.seed, server_round, site.partition_id), dp=dp)
+        trained = {k: bundle.params[k].detach().cpu().clone() for k in method.trainable_keys(bundle.params)}
+        kept = from_record(context.state[_KEPT])
+        kept.update(trained)  # FedSA's B must survive to the next round; the rest is resent anyway
+        context.state[_KEPT] = to_record(kept)
+        if method.personalized and (kept_file := _kept_file(cfg, site, job)):
+            kept_file.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in kept.items()}, str(kept_file))
+        uplink = {k: trained[k] for k in method.uplink_keys(bundle.params)}
+        metrics = {"num-examples": len(data.train)}
+        if ledger is not None:
+            # Recorded (and saved) before the update leaves: the update is what spends the budget.
+            metrics["site-epsilon"] = ledger.record(server_round, dp.noise_multiplier, dp.sample_rate,
+                                                    cfg.local_steps, job=job, run=int(context.run_id))
+            metrics["epsilon"] = ledger.epsilon_of(job, cfg.target_delta)
+            ledger.save(site.ledger_file(cfg))
+            context.state[_LEDGER] = ConfigRecord({"json": json.dumps(ledger.state_dict())})
+        else:  # under DP the loss on private records would be an unprotected release
+            metrics["train-loss"] = float(np.nanmean(losses))
+    return _log_sent(cfg, site, msg, context, Message(
+        RecordDict({"arrays": to_record(uplink), "metrics": MetricRecord(metrics)}), reply_to=msg))
 
 
-@functools.lru_cache(maxsize=64)
-def _noise_multiplier(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return noise_multiplier(target_epsilon, delta, q, steps, accountant)
+def _dp_settings(cfg: RunConfig, ledger: PrivacyLedger, job: str, num_examples: int) -> tuple[DPSettings | None, str]:
+    """DP-SGD settings for this job, or why the client must not train.
 
-
-def _dp_settings(cfg: RunConfig, num_examples: int) -> DPSettings:
-    """σ calibrated so that `dp-max-participations` rounds of `local-steps` steps at this client's
-    sampling rate q = min(1, batch-size / n) spend at most `target-epsilon`."""
+    σ is planned once per job for `dp-max-participations` rounds of `local-steps` steps at this
+    client's q = min(1, batch-size / n): large enough that the job alone spends at most
+    `target-epsilon`, and that the site's earlier jobs plus this one stay within the site's own
+    budget (the ledger's). Both are checked again, exactly, before each round.
+    """
     q = sample_rate(num_examples, cfg.batch_size)
-    sigma = _noise_multiplier(cfg.target_epsilon, cfg.target_delta, q,
-                              cfg.dp_max_participations * cfg.local_steps, cfg.accountant)
-    return DPSettings(sigma, cfg.max_grad_norm, q, cfg.grad_sample_mode, reproducible=cfg.dp_reproducible)
+    planned = cfg.dp_max_participations * cfg.local_steps
+    sigma = noise_multiplier(cfg.target_epsilon, cfg.target_delta, q, planned, cfg.accountant)
+    prior = ledger.history_of(job, other=True)  # the site's other jobs: fixed while this one runs
+    if prior or ledger.target_epsilon < cfg.target_epsilon:
+        spent = epsilon(prior, ledger.delta, cfg.accountant)
+        if spent >= ledger.target_epsilon:
+            return None, f"the site's budget ε = {ledger.target_epsilon:g} is spent (ε = {spent:.3f})"
+        try:
+            sigma = max(sigma, noise_for(prior, ledger.target_epsilon, ledger.delta, q, planned, cfg.accountant))
+        except PrivacyError as exc:  # so little is left that no σ can fund the job's plan
+            return None, f"the site's budget cannot fund this job: {exc}"
+    dp = DPSettings(sigma, cfg.max_grad_norm, q, cfg.grad_sample_mode, reproducible=cfg.dp_reproducible)
+    job_next = epsilon([*ledger.history_of(job), (sigma, q, cfg.local_steps)], cfg.target_delta, cfg.accountant)
+    if job_next > cfg.target_epsilon:
+        return None, (f"one more round would spend ε = {job_next:.3f} > target {cfg.target_epsilon:g} "
+                      f"(spent {ledger.epsilon_of(job, cfg.target_delta):.3f})")
+    site_next = ledger.epsilon_after(sigma, q, cfg.local_steps)
+    if site_next > ledger.target_epsilon:
+        return None, (f"one more round would take the site to ε = {site_next:.3f} > its budget "
+                      f"{ledger.target_epsilon:g} (spent {ledger.epsilon:.3f})")
+    return dp, ""
 
 
-def _ledger(cfg: RunConfig, context: Context, pid: int) -> tuple[PrivacyLedger, Path]:
-    """This client's ledger: from its node state, else from its file (a restarted node), else new."""
-    folder = str(context.node_config.get("privacy-dir", "")) or (
-        str(Path(cfg.output_dir) / LEDGER_DIR) if cfg.output_dir else "")
-    if not folder:
-        raise ConfigError("dp=true needs a place for the privacy ledger: set output-dir, or the node "
-                          "config privacy-dir=<path on this site>")
-    path = Path(folder) / f"{pid}.json"
-    if _LEDGER in context.state:
-        ledger = PrivacyLedger(cfg.target_epsilon, cfg.target_delta, cfg.accountant)
-        ledger.load_state_dict(json.loads(str(context.state[_LEDGER]["json"])))
-    else:
-        ledger = PrivacyLedger.open(path, cfg.target_epsilon, cfg.target_delta, cfg.accountant)
-    return ledger, path
-
-
-def _save_ledger(ledger: PrivacyLedger, path: Path, context: Context) -> None:
-    ledger.save(path)
-    context.state[_LEDGER] = ConfigRecord({"json": json.dumps(ledger.state_dict())})
+@contextmanager
+def _ledger(cfg: RunConfig, site: Site, context: Context) -> Iterator[PrivacyLedger | None]:
+    """The site's ledger (None without DP), read from its file and checked, held under a file lock
+    from the budget check until the spend is recorded: two jobs at one site must not both spend
+    the same remaining budget. Should the file be gone, the copy in the node's state (this run's
+    spend) stands in for it: a lost file must not reset what was spent."""
+    if not cfg.dp:
+        yield None
+        return
+    path = site.ledger_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target, delta = site.budget(cfg)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ledger = PrivacyLedger.open(path, target, delta, cfg.accountant)
+        if not path.exists() and _LEDGER in context.state:
+            ledger.load_state_dict(json.loads(str(context.state[_LEDGER]["json"])))
+        yield ledger
 
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on this client's local test split.
+    """Evaluate the received model on this client's local test split, if the site allows its
+    metrics to leave (else an explicit refusal).
 
     For a personalised method (the client's own B), on the last round also on the global test
-    split (every client evaluating the whole split every round would cost more than training),
-    and export this client's adapter to `<output-dir>/adapters/<partition-id>/`.
+    split where there is one (every client evaluating it every round would cost more than
+    training), and export this client's adapter: to `<site-dir>/adapters/<job>/` at a real site,
+    else to the folder the server names (the simulation's `<output-dir>/adapters/<partition-id>/`).
     """
-    cfg, bundle, data, pid = _setup(msg, context)
+    cfg, site, bundle, data = _setup(msg, context)
+    if not site.may_evaluate(cfg):
+        return _log_sent(cfg, site, msg, context, _refuse(
+            msg, f"site {site.partition_id} keeps its local metrics (allow-evaluation is off)"))
     result = evaluate(bundle, data.test, cfg)
     metrics = {"num-examples": len(data.test), "accuracy": result["accuracy"], "loss": result["loss"]}
     if get_method(cfg.strategy).personalized and bool(msg.content["config"].get("final", False)):
-        on_global = evaluate(bundle, split_test(cfg), cfg)
-        metrics.update({"global-accuracy": on_global["accuracy"], "global-loss": on_global["loss"]})
+        # The global test data is the simulation's (a shared dataset's split, or a file every virtual
+        # site can read); a real site has no copy of the server's file and skips this.
+        test = None if site.site_dir else server_test(cfg)
+        if test is not None:
+            on_global = evaluate(bundle, test, cfg)
+            metrics.update({"global-accuracy": on_global["accuracy"], "global-loss": on_global["loss"]})
         export_dir = str(msg.content["config"].get("export-dir", ""))
-        if export_dir:
-            save_adapter(bundle, Path(export_dir) / str(pid), cfg.to_run_config())
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        if site.site_dir:
+            save_adapter(bundle, Path(site.site_dir) / "adapters" / (_job(msg) or "job"), cfg.to_run_config())
+        elif export_dir:
+            save_adapter(bundle, Path(export_dir) / str(site.partition_id), cfg.to_run_config())
+    return _log_sent(cfg, site, msg, context, Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))

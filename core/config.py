@@ -47,6 +47,7 @@ class RunConfig:
     clients_per_round: int = 10
     seed: int = 0
     output_dir: str = ""
+    resume: bool = False  # continue the run in output-dir from its checkpoint (`fedlora run --resume`)
     # model + LoRA
     model: str = "all-MiniLM-L6-v2"
     max_length: int = 64
@@ -57,7 +58,9 @@ class RunConfig:
     lora_dropout: float = 0.05
     head: str = "trainable"
     # data
-    dataset: str = "tweets"
+    dataset: str = "tweets"  # "" when every site brings its own file (node config data=<path>)
+    labels: str = ""  # the run's label set, e.g. "negative,neutral,positive"; "" = the dataset's values
+    server_test_data: str = ""  # a labelled file the server evaluates on ("" = the dataset's test split, if any)
     text_column: str = "text"
     label_column: str = "label"
     test_size: int = 2000
@@ -88,6 +91,11 @@ class RunConfig:
     evaluate_on: str = AUTO  # the strategy's default: "clients" for FedSA, else "server"
     eval_batch_size: int = 128
     round_timeout: float = 3600.0
+    connect_timeout: float = 600.0
+    # bad updates and dropouts
+    max_update_norm: float = 1000.0
+    min_clients: int = 1
+    max_failed_rounds: int = 3
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -147,6 +155,11 @@ class RunConfig:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
     @property
+    def label_list(self) -> list[str]:
+        """`labels` as names, in the order that gives their class ids (empty: the dataset decides)."""
+        return [name.strip() for name in self.labels.split(",")] if self.labels.strip() else []
+
+    @property
     def rank_list(self) -> list[int]:
         """`lora-ranks` as integers (empty: every client uses `lora-rank`)."""
         try:
@@ -191,9 +204,11 @@ class RunConfig:
         choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
         for key in ("num-server-rounds", "clients-per-round", "max-length", "lora-rank",
                     "test-size", "local-steps", "batch-size", "eval-batch-size",
-                    "classes-per-client", "fair-steps", "dp-max-participations", "target-epsilon"):
+                    "classes-per-client", "fair-steps", "dp-max-participations", "target-epsilon",
+                    "min-clients", "max-failed-rounds"):
             positive(key, getattr(self, key.replace("-", "_")))
-        for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout", "fair-lr"):
+        for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout", "fair-lr",
+                    "connect-timeout", "max-update-norm"):
             positive(key, getattr(self, key.replace("-", "_")))
         positive("max-grad-norm", self.max_grad_norm, zero_ok=True)
         positive("fair-lambda", self.fair_lambda, zero_ok=True)
@@ -221,6 +236,17 @@ class RunConfig:
             raise ConfigError(
                 f"local-test-fraction={self.local_test_fraction!r} must be in [0, 1)"
             )
+        if self.labels:
+            names = self.label_list
+            if len(names) < 2 or len(set(names)) != len(names) or "" in names:
+                raise ConfigError(f"labels={self.labels!r} must name at least 2 distinct labels, comma-separated, "
+                                  "e.g. 'negative,neutral,positive'")
+        elif not self.dataset:
+            raise ConfigError("dataset='' (every site brings its own file) needs the run's label set: "
+                              "set labels, e.g. labels='negative,neutral,positive'")
+        if self.min_clients > self.clients_per_round:
+            raise ConfigError(f"min-clients={self.min_clients} exceeds clients-per-round={self.clients_per_round}: "
+                              "no round could ever run")
         if not self.target_module_list:
             raise ConfigError("target-modules is empty; give comma-separated module names, e.g. 'query,value'")
         if self.output_dir and not os.path.isabs(self.output_dir):

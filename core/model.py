@@ -108,13 +108,16 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
     try:
         base, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, id2label=id2label,
-            label2id={v: k for k, v in id2label.items()}, output_loading_info=True)
+            label2id={v: k for k, v in id2label.items()}, output_loading_info=True,
+            ignore_mismatched_sizes=True)  # a head trained for another label set starts afresh
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model={cfg.model!r} could not be loaded from {path}: {exc}") from exc
-    # Whatever the checkpoint lacks (the head, and e.g. DistilBERT's pre_classifier) starts random:
-    # it is trained with the head and saved in the adapter, or the adapter would not reproduce us.
-    fresh = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    # Whatever the checkpoint lacks (the head, and e.g. DistilBERT's pre_classifier) or holds for
+    # another label count starts random: it is trained with the head and saved in the adapter, or
+    # the adapter would not reproduce us.
+    mismatched = [entry[0] for entry in info.get("mismatched_keys", [])]
+    fresh = sorted({key.rsplit(".", 1)[0] for key in [*info["missing_keys"], *mismatched]})
     model = _wrap(cfg, base, fresh)
     params = adapter_params(model, head=cfg.head == "trainable")
     for p in model.parameters():

@@ -1,5 +1,5 @@
 """How a run ended: `<output-dir>/status.json`, written by the ServerApp every round and read by
-`fedlora run`, sweeps and (later) resume.
+`fedlora run`, sweeps and resume.
 
     {"state": "running" | "completed" | "budget-exhausted" | "failed",
      "last_round": <the last round whose row is in metrics.jsonl; 0 = the initial evaluation only,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .files import write_text_atomic
 
-__all__ = ["FINISHED", "STATES", "STATUS_FILE", "RunStatus", "read_status", "write_status"]
+__all__ = ["FINISHED", "STATES", "STATUS_FILE", "RunStatus", "check_fresh", "read_status", "write_status"]
 
 STATUS_FILE = "status.json"
 STATES = ("running", "completed", "budget-exhausted", "failed")
@@ -60,3 +60,20 @@ def read_status(out_dir: str | os.PathLike[str]) -> RunStatus | None:
         return RunStatus(str(raw["state"]), raw["last_round"], str(raw.get("reason", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def check_fresh(out_dir: str | os.PathLike[str]) -> None:
+    """`FileExistsError` if `out_dir` holds a run a new one must not overwrite: anything that got as far
+    as a training round, or that has a checkpoint (resume it instead). A run that failed before
+    round 1 may be retried into the same folder. `fedlora run` calls this before it submits."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "metrics.jsonl").exists():
+        return
+    status = read_status(out_dir)
+    if (out_dir / "checkpoint").exists():
+        raise FileExistsError(f"output-dir {out_dir} holds a run with a checkpoint (after round "
+                              f"{status.last_round if status else '?'}): continue it with --resume, or "
+                              "choose another folder")
+    if status is None or status.state != "failed" or status.last_round > 0:
+        how = f"{status.state} after round {status.last_round}" if status else "no status.json"
+        raise FileExistsError(f"output-dir {out_dir} already holds a run ({how}); choose another folder")

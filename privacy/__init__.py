@@ -15,6 +15,7 @@ from .accounting import (
     PrivacyError,
     PrivacyLedger,
     epsilon,
+    noise_for,
     noise_multiplier,
     sample_rate,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "epsilon",
     "ledger_path",
     "load_ledgers",
+    "noise_for",
     "noise_multiplier",
     "poisson_batch",
     "sample_rate",

@@ -6,6 +6,10 @@ sampling rate q. A client's privacy loss is the composition of all the steps it 
 every round it took part in; rounds it skipped add nothing. The ledger records each
 participation as one `(σ, q, steps)` entry and recomputes ε of the whole history with an Opacus
 accountant ("prv", tight, Opacus' default, or "rdp", looser but cheap and monotone).
+
+A deployment site keeps one ledger across every job it joins: each entry carries the job and the
+Flower run it belongs to, so the site's lifetime ε (all entries) and one job's ε (its entries)
+are both exact compositions, and `noise_for` plans a new job's σ against what the site has left.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ __all__ = [
     "PrivacyError",
     "PrivacyLedger",
     "epsilon",
+    "noise_for",
     "noise_multiplier",
     "sample_rate",
 ]
@@ -39,7 +44,7 @@ ACCOUNTANTS = ("prv", "rdp")
 #: a JSON round trip and a different platform's floating point)
 VERIFY_RTOL = 1e-6
 _LEDGER_FORMAT = "fedlora-privacy-ledger"
-_LEDGER_VERSION = 1
+_LEDGER_VERSION = 2  # 2 added `job` and `run` to each participation; version 1 files still load
 
 
 class PrivacyError(ValueError):
@@ -50,6 +55,8 @@ class Participation(TypedDict):
     """One round a client trained in: its DP-SGD parameters and the ε spent after it."""
 
     round: int
+    job: str  # the fedlora job (kept across a resumed run's Flower runs); "" for version-1 entries
+    run: int  # the Flower run id the update left in
     sigma: float
     sample_rate: float
     steps: int
@@ -140,6 +147,36 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
         ) from exc
 
 
+def noise_for(prior: Sequence[Sequence[float]], target_epsilon: float, delta: float, sample_rate: float,
+              steps: int, accountant: str = "prv") -> float:
+    """The smallest σ (to 10⁻³ relative) such that `prior` followed by `steps` steps at rate
+    `sample_rate` spends at most `target_epsilon`: how a site plans a new job against the budget
+    its earlier jobs left. Without a prior history it is `noise_multiplier`."""
+    if not prior:
+        return noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
+    target_epsilon, q = _check_epsilon(target_epsilon), _check_rate(sample_rate)
+    prior = _merged(prior)
+    spent = epsilon(prior, delta, accountant)
+    if spent >= target_epsilon:
+        raise PrivacyError(f"the budget ε={target_epsilon:g} is already spent (ε={spent:.4g})")
+
+    def search() -> float:
+        def over(sigma: float) -> bool:
+            return epsilon([*prior, (sigma, q, steps)], delta, accountant) > target_epsilon
+
+        lo, hi = 0.0, 1.0
+        while over(hi):
+            lo, hi = hi, hi * 2
+            if hi > 1e4:
+                raise PrivacyError(f"no noise multiplier keeps ε ≤ {target_epsilon:g} after ε={spent:.4g} spent")
+        while hi - lo > 1e-3 * hi:  # ε falls as σ grows: bisect on the monotone predicate
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if over(mid) else (lo, mid)
+        return hi
+
+    return memoized(["sigma-after", accountant, delta, target_epsilon, prior, q, steps], search)
+
+
 def _merged(history: Iterable[Sequence[float]]) -> list[tuple[float, float, int]]:
     """Validated history with consecutive identical (σ, q) merged, as Opacus' `step()` does.
 
@@ -201,7 +238,17 @@ class PrivacyLedger:
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """The `(σ, q, steps)` entries of all participations, in order."""
-        return [(p["sigma"], p["sample_rate"], p["steps"]) for p in self.participations]
+        return self.history_of(None)
+
+    def history_of(self, job: str | None, *, other: bool = False) -> list[tuple[float, float, int]]:
+        """The `(σ, q, steps)` entries of `job`'s participations (every one when `job` is None; with
+        `other`, those of every other job)."""
+        return [(p["sigma"], p["sample_rate"], p["steps"]) for p in self.participations
+                if job is None or (p["job"] == job) != other]
+
+    def epsilon_of(self, job: str, delta: float | None = None) -> float:
+        """ε spent by one job's participations alone (at `delta`, default the ledger's)."""
+        return epsilon(self.history_of(job), self.delta if delta is None else delta, self.accountant)
 
     @property
     def epsilon(self) -> float:
@@ -220,24 +267,27 @@ class PrivacyLedger:
         """
         return epsilon([*self.history, (sigma, sample_rate, steps)], self.delta, self.accountant)
 
-    def record(self, round: int, sigma: float, sample_rate: float, steps: int) -> float:
-        """Add a participation in `round` (after the client trained) and return the new ε."""
-        self._check_round(round)
+    def record(self, round: int, sigma: float, sample_rate: float, steps: int, *, job: str = "",
+               run: int = 0) -> float:
+        """Add a participation in `round` of `job` (Flower run `run`), before its update leaves the
+        client, and return the new ε."""
+        self._check_round(round, job)
         eps = self.epsilon_after(sigma, sample_rate, steps)
-        self.participations.append(Participation(round=round, sigma=float(sigma),
+        self.participations.append(Participation(round=round, job=job, run=run, sigma=float(sigma),
                                                  sample_rate=float(sample_rate), steps=steps,
                                                  epsilon=eps))
         return eps
 
-    def _check_round(self, round: int) -> None:
+    def _check_round(self, round: int, job: str) -> None:
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise PrivacyError(f"round={round!r} must be an integer >= 0")
-        # Rounds only move forward within a run: an earlier round means another run's ledger (a
-        # reused output directory). The same round again is a retried training, which spends
-        # privacy again and is recorded as a participation of its own.
-        if self.participations and round < self.participations[-1]["round"]:
-            raise PrivacyError(f"round {round} is before the last recorded round "
-                               f"{self.participations[-1]['round']}: is this ledger from another run?")
+        # Rounds only move forward within a job, except that a resumed job re-runs the round a crash
+        # interrupted: the same round again is a retried training, which spends privacy again and
+        # is recorded as a participation of its own. An earlier round is another job's ledger.
+        last = [p["round"] for p in self.participations if p["job"] == job]
+        if last and round < last[-1]:
+            raise PrivacyError(f"round {round} is before the last recorded round {last[-1]} of job "
+                               f"{job!r}: is this ledger from another run?")
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-able copy of the ledger."""
@@ -250,7 +300,7 @@ class PrivacyLedger:
         """Replace the participations with those of `state`, which must have this ledger's budget."""
         if not isinstance(state, dict) or state.get("format") != _LEDGER_FORMAT:
             raise PrivacyError("not a fedlora privacy ledger")
-        if state.get("version") != _LEDGER_VERSION:
+        if state.get("version") not in (1, _LEDGER_VERSION):
             raise PrivacyError(f"ledger version {state.get('version')!r} is not supported "
                                f"(this fedlora reads version {_LEDGER_VERSION})")
         kept = (state.get("target_epsilon"), state.get("delta"), state.get("accountant"))
@@ -268,7 +318,8 @@ class PrivacyLedger:
         restored = PrivacyLedger(self.target_epsilon, self.delta, self.accountant)
         for i, entry in enumerate(entries):
             try:
-                restored._check_round(entry["round"])
+                job, run = str(entry.get("job", "")), int(entry.get("run", 0))
+                restored._check_round(entry["round"], job)
                 sigma, q = _check_sigma(entry["sigma"]), _check_rate(entry["sample_rate"])
                 steps, eps = _check_steps(entry["steps"]), float(entry["epsilon"])
             except PrivacyError:
@@ -276,7 +327,7 @@ class PrivacyLedger:
             except (KeyError, TypeError, ValueError) as exc:
                 raise PrivacyError(f"participation #{i} of the ledger is malformed ({exc!r})") from exc
             # The stored ε are checked against the accountant by `verify` (on every load from a file).
-            restored.participations.append(Participation(round=entry["round"], sigma=sigma,
+            restored.participations.append(Participation(round=entry["round"], job=job, run=run, sigma=sigma,
                                                          sample_rate=q, steps=steps, epsilon=eps))
         self.participations = restored.participations
 

@@ -1,16 +1,20 @@
 """The fedlora ServerApp: the round loop, evaluation of the global model, and the run's outputs.
 
-Per round: sample partitions, send each its share of the global LoRA state, aggregate the valid
-replies with the configured method, evaluate on the held-out test split, append one line to
-`metrics.jsonl`. A round without a usable reply is skipped (the model stays as it was); the run
-stops early, cleanly, once every client has spent its privacy budget, and fails after
-`MAX_FAILED_ROUNDS` rounds in a row whose replies all failed. `status.json` says how it ended. At
-the end the global adapter is written in peft format (`adapter/`).
+Per round: sample sites, send each its share of the global LoRA state, aggregate the valid
+replies with the configured method, evaluate where there is labelled data, append one line to
+`metrics.jsonl` and write a checkpoint (`server/checkpoint.py`). A round with fewer than
+`min-clients` usable replies is skipped (the model stays as it was); the run stops early, cleanly,
+once every client has spent its privacy budget, and fails after `max-failed-rounds` skipped rounds
+in a row whose replies failed. `status.json` says how it ended. A run started with `resume = true`
+continues from the checkpoint in its `output-dir`. At the end the global adapter is written in
+peft format (`adapter/`).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from logging import INFO, WARNING
 from pathlib import Path
@@ -20,64 +24,92 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.core.config import RunConfig, check_ranks
-from fedlora.core.data import client_data, data_report, load_text_data, split_test
+from fedlora.core.data import data_report, label_names, server_test
 from fedlora.core.model import build_model, global_state, load_state, pick_device
 from fedlora.core.train import evaluate
+from fedlora.core.version import VERSION
 from fedlora.privacy import REPRODUCIBLE_WARNING
 from fedlora.strategies import LoraMethod, get_method
-from fedlora.strategies.flower import LoraStrategy, from_record, payload_bytes, to_record
+from fedlora.strategies.flower import LoraStrategy, from_record, payload_bytes, rejection_counts, to_record
 
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .outputs import RunOutputs
 
-__all__ = ["app", "discover_partitions"]
+__all__ = ["Federation", "app", "discover_sites"]
 
 app = ServerApp()
 
 
-def discover_partitions(grid: Grid, timeout: float, poll: float = 1.0) -> tuple[dict[int, int], dict[int, int]]:
-    """partition-id → node id, and partition-id → LoRA rank, of every client (one QUERY message each).
+@dataclass
+class Federation:
+    """The sites that answered the server's first query: partition-id → node id and LoRA rank of
+    those that take part, why the others refused, and what they reported about their data."""
 
-    Waits (up to `timeout` seconds) until as many nodes are connected as they report partitions,
-    so that a deployment whose SuperNodes are still joining does not start short-handed.
+    nodes: dict[int, int] = field(default_factory=dict)
+    ranks: dict[int, int] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # "site <pid>" or "node <id>" -> reason
+    sizes: dict[int, dict[str, int]] = field(default_factory=dict)
+
+
+def discover_sites(grid: Grid, job: str, timeout: float, poll: float = 1.0) -> Federation:
+    """Query every node once: its site id, rank, fedlora version and data sizes, or its refusal.
+
+    Waits (up to `timeout` seconds, `connect-timeout`) until every one of the `num-partitions`
+    sites the nodes report has answered; after that it goes on with those that did, naming the
+    missing ones. A site that refuses the job (its policy, a bad file) or runs another fedlora
+    version is left out and named; two nodes claiming one site id are an error naming both.
     """
     deadline = time.monotonic() + timeout
-    known: dict[int, int] = {}  # node id -> partition id
-    ranks: dict[int, int] = {}  # partition id -> LoRA rank
+    fed, queried, claimed = Federation(), set(), {}  # claimed: pid -> node id
     expected = None
     while True:
-        new = [n for n in grid.get_node_ids() if n not in known]
-        if new:
-            msgs = [Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
-                            dst_node_id=n) for n in new]
-            for reply in grid.send_and_receive(msgs, timeout=max(deadline - time.monotonic(), 1.0)):
-                if reply.has_error():
-                    raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its "
-                                       f"partition: {reply.error.reason}")
-                m = reply.content["metrics"]
-                known[reply.metadata.src_node_id] = int(m["partition-id"])
-                ranks[int(m["partition-id"])] = int(m["lora-rank"])
-                if expected is None:
-                    expected = int(m["num-partitions"])
-                elif expected != int(m["num-partitions"]):
-                    raise RuntimeError(f"nodes disagree on num-partitions ({expected} vs {int(m['num-partitions'])})")
-        pids = sorted(known.values())
-        if len(pids) != len(set(pids)):
-            raise RuntimeError(f"two nodes hold the same partition-id: {pids}")
-        if expected is not None and len(pids) >= expected:
-            return {pid: node for node, pid in known.items()}, ranks
+        new = [n for n in grid.get_node_ids() if n not in queried]
+        queried.update(new)
+        msgs = [Message(RecordDict({"config": ConfigRecord({"job": job})}), message_type=MessageType.QUERY,
+                        dst_node_id=n) for n in new]
+        for reply in grid.send_and_receive(msgs, timeout=max(deadline - time.monotonic(), 1.0)) if msgs else []:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                fed.refused[f"node {node}"] = f"failed to answer: {reply.error.reason}"
+                continue
+            m = reply.content["metrics"]
+            pid, num = int(m["partition-id"]), int(m["num-partitions"])
+            if pid in claimed:
+                raise RuntimeError(f"partition-id {pid} is claimed by nodes {claimed[pid]} and {node}: "
+                                   "each site needs its own partition-id")
+            claimed[pid] = node
+            if expected is not None and num != expected:
+                raise RuntimeError(f"sites disagree on num-partitions: {expected}, and {num} from node {node} "
+                                   f"(site {pid})")
+            expected = num
+            version = str(reply.content["site"]["version"]) if "site" in reply.content else "unknown"
+            if version != VERSION:
+                fed.refused[f"site {pid}"] = f"runs fedlora {version}, the server {VERSION}"
+            elif "refusal" in reply.content:
+                fed.refused[f"site {pid}"] = str(reply.content["refusal"]["reason"])
+            else:
+                fed.nodes[pid], fed.ranks[pid] = node, int(m["lora-rank"])
+                fed.sizes[pid] = {"train_rows": int(m["num-examples"]), "local_test_rows": int(m["num-test-examples"])}
+        if expected is not None and len(claimed) >= expected:
+            break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(pids)} of {expected or '?'} clients connected within {timeout:.0f} s")
+            if not fed.nodes:
+                raise RuntimeError(f"no usable site joined within connect-timeout = {timeout:.0f} s "
+                                   f"({len(claimed)} of {expected or '?'} answered; refused: {fed.refused})")
+            missing = sorted(set(range(expected)) - set(claimed)) if expected else []
+            log(WARNING, "fedlora: going on without sites %s: not connected within connect-timeout = %.0f s",
+                missing, timeout)
+            break
         time.sleep(poll)
+    for who, reason in sorted(fed.refused.items()):
+        log(WARNING, "fedlora: %s left out: %s", who, reason)
+    return fed
 
 
 class RoundsFailed(RuntimeError):
     """Several rounds in a row produced no usable reply although clients were asked: the
     federation is broken (clients crash or time out), so the run fails instead of going on
     with an unchanged model."""
-
-
-#: consecutive rounds with dropped or missing replies and nothing aggregated before the run fails
-MAX_FAILED_ROUNDS = 3
 
 
 @app.main()
@@ -89,12 +121,14 @@ def main(grid: Grid, context: Context) -> None:
     """
     cfg = RunConfig.from_run_config(context.run_config)
     out_dir = Path(cfg.output_dir or Path.cwd() / "outputs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
-    outputs = RunOutputs(out_dir, cfg)
-    log(INFO, "fedlora: %s, %d rounds, outputs in %s", cfg.strategy, cfg.num_server_rounds, out_dir)
+    checkpoint = load_checkpoint(out_dir) if cfg.resume else None
+    outputs = RunOutputs(out_dir, cfg, checkpoint)
+    log(INFO, "fedlora %s: %s, %d rounds, outputs in %s%s", VERSION, cfg.strategy, cfg.num_server_rounds, out_dir,
+        f", resuming after round {checkpoint.round}" if checkpoint else "")
     if cfg.dp and cfg.dp_reproducible:
         log(WARNING, "fedlora: %s", REPRODUCIBLE_WARNING)
     try:
-        state, reason = _run(grid, cfg, outputs)
+        state, reason = _run(grid, cfg, outputs, checkpoint)
     except BaseException as exc:
         outputs.set_status("failed", f"{type(exc).__name__}: {exc}")
         raise
@@ -102,31 +136,37 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedlora: %s (%s)", state, reason)
 
 
-def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> tuple[str, str]:
+def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs, checkpoint: Checkpoint | None) -> tuple[str, str]:
     """The round loop; returns the final state and why."""
-    partitions, ranks = discover_partitions(grid, timeout=cfg.round_timeout)
-    cfg.check_federation(len(partitions))
-    check_ranks(cfg.strategy, list(ranks.values()))  # node configs may set ranks of their own
+    job = checkpoint.job if checkpoint else uuid.uuid4().hex
+    fed = discover_sites(grid, job, timeout=cfg.connect_timeout)
+    if cfg.clients_per_round > len(fed.nodes):
+        log(WARNING, "fedlora: clients-per-round=%d but only %d sites take part: each round samples all of them",
+            cfg.clients_per_round, len(fed.nodes))
+    check_ranks(cfg.strategy, list(fed.ranks.values()))  # node configs may set ranks of their own
     method = get_method(cfg.strategy, cfg.to_run_config())
-    server = _Server(cfg, grid, method, partitions, ranks, outputs.dir)
+    server = _Server(cfg, grid, method, fed, outputs.dir, job)
     server.strategy.summary()
-    outputs.save_data(data_report(cfg), len(server.test),
-                      {pid: client_data(cfg, pid, len(partitions)) for pid in partitions})
+    outputs.save_data(data_report(cfg), server.test, fed)
 
-    t0 = time.perf_counter()
-    outputs.write_round({"round": 0, "strategy": cfg.strategy, **server.evaluate(),
-                         "seconds": time.perf_counter() - t0})
+    if checkpoint:
+        server.restore(checkpoint)
+    else:
+        t0 = time.perf_counter()
+        outputs.write_round({"round": 0, "strategy": cfg.strategy, **server.evaluate(),
+                             "seconds": time.perf_counter() - t0})
     failed_rounds = 0
     ending = ("completed", f"all {cfg.num_server_rounds} rounds ran")
-    for rnd in range(1, cfg.num_server_rounds + 1):
+    for rnd in range(server.next_round, cfg.num_server_rounds + 1):
         if not server.strategy.eligible():
             ending = ("budget-exhausted", f"stopped before round {rnd}: every client has spent its "
                       f"privacy budget ({'; '.join(server.strategy.exhausted.values())})")
             break
         row = server.round(rnd, final=rnd == cfg.num_server_rounds)
         outputs.write_round(row)
-        failed_rounds = failed_rounds + 1 if row.get("skipped") and server.strategy.rejected else 0
-        if failed_rounds >= MAX_FAILED_ROUNDS:
+        save_checkpoint(outputs.dir, server.checkpoint(rnd, outputs.rows))
+        failed_rounds = failed_rounds + 1 if row.get("skipped") and server.strategy.rejections else 0
+        if failed_rounds >= cfg.max_failed_rounds:
             raise RoundsFailed(f"{failed_rounds} rounds in a row without a usable reply; last: "
                                f"{'; '.join(server.strategy.rejected)}")
 
@@ -143,26 +183,45 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> tuple[str, str]:
 
 
 class _Server:
-    """What one round needs: the global model, the test split, the Flower strategy, the grid."""
+    """What one round needs: the global model, the test data, the Flower strategy, the grid."""
 
-    def __init__(self, cfg: RunConfig, grid: Grid, method: LoraMethod, partitions: dict[int, int],
-                 ranks: dict[int, int], out_dir: Path) -> None:
-        self.cfg, self.grid, self.method, self.out_dir = cfg, grid, method, out_dir
-        data = load_text_data(cfg)
-        self.test = split_test(cfg)
+    def __init__(self, cfg: RunConfig, grid: Grid, method: LoraMethod, fed: Federation, out_dir: Path,
+                 job: str) -> None:
+        self.cfg, self.grid, self.method, self.out_dir, self.job = cfg, grid, method, out_dir, job
+        # None when the server holds no labelled data: then only clients that may release their
+        # local metrics evaluate, and under DP nobody does.
+        self.test = server_test(cfg)
+        names = label_names(cfg)
         # The global adapter has the largest rank in use; each client gets its share (FlexLoRA, FLoRA).
-        self.bundle = build_model(cfg.replace(lora_rank=max(ranks.values())), len(data.label_names),
-                                  dict(enumerate(data.label_names)))
+        self.bundle = build_model(cfg.replace(lora_rank=max(fed.ranks.values())), len(names), dict(enumerate(names)))
         self.bundle.model.to(pick_device())
         self.arrays = to_record(global_state(self.bundle))
-        self.strategy = LoraStrategy(method, partitions=partitions, ranks=ranks,
+        self.strategy = LoraStrategy(method, partitions=fed.nodes, ranks=fed.ranks,
                                      clients_per_round=cfg.clients_per_round, seed=cfg.seed,
-                                     evaluate_clients=cfg.evaluate_on in ("clients", "both"))
+                                     evaluate_clients=cfg.evaluate_on in ("clients", "both"),
+                                     max_update_norm=cfg.max_update_norm, min_clients=cfg.min_clients)
         self.predictions = None  # of the latest server evaluation, reused for predictions.json
+        self.next_round = 1
+        if self.test is None and cfg.evaluate_on == "server":
+            log(WARNING, "fedlora: this run has no evaluation: the server holds no labelled data "
+                "(set server-test-data)%s", "" if cfg.dp else ", and evaluate-on is 'server'")
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue after the checkpoint's round. The nodes' state did not survive (a new Flower
+        run), so every sent-once factor is sent again until each client answers."""
+        self.arrays = to_record(checkpoint.arrays)
+        self.strategy.load_state_dict(checkpoint.strategy)
+        self.strategy.contacted.clear()
+        self.next_round = checkpoint.round + 1
+
+    def checkpoint(self, rnd: int, rows: list[dict]) -> Checkpoint:
+        return Checkpoint(round=rnd, job=self.job, arrays=from_record(self.arrays),
+                          strategy=self.strategy.state_dict(), rows=list(rows),
+                          run_config=self.cfg.to_run_config(), extra={})
 
     def evaluate(self) -> dict:
-        """The global model on the server's test split (if the server evaluates)."""
-        if self.cfg.evaluate_on not in ("server", "both"):
+        """The global model on the server's test data (if the server evaluates and has any)."""
+        if self.cfg.evaluate_on not in ("server", "both") or self.test is None:
             return {}
         res = evaluate(self.bundle, self.test, self.cfg)
         self.predictions = res["predictions"]
@@ -171,16 +230,18 @@ class _Server:
     def round(self, rnd: int, *, final: bool) -> dict:
         """Train, aggregate and evaluate; the row for metrics.jsonl.
 
-        A round without a usable reply leaves the model as it was and is marked `skipped`; it
-        evaluates nothing unless it is the last (whose row carries the final model's metrics).
+        A round without enough usable replies leaves the model as it was and is marked
+        `skipped`; it evaluates nothing unless it is the last (whose row carries the final
+        model's metrics).
         """
         t0 = time.perf_counter()
         strategy, cfg = self.strategy, self.cfg
         log(INFO, "fedlora: round %d: training", rnd)
-        replies = self.grid.send_and_receive(strategy.configure_train(rnd, self.arrays, ConfigRecord(), self.grid),
-                                             timeout=cfg.round_timeout)
+        messages = strategy.configure_train(rnd, self.arrays, ConfigRecord({"job": self.job}), self.grid)
+        replies = self.grid.send_and_receive(messages, timeout=cfg.round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        row = {"round": rnd, "strategy": cfg.strategy, **dict(train_metrics)}
+        row = {"round": rnd, "strategy": cfg.strategy, **dict(train_metrics),
+               "rejected": rejection_counts(strategy.rejections)}
         if cfg.dp:
             row.update(strategy.privacy_metrics())
         if new_arrays is None:
@@ -196,7 +257,7 @@ class _Server:
 
     def _evaluate_round(self, rnd: int, final: bool, row: dict) -> None:
         """Client-side evaluation (if any) and the server's, of the current global model, into `row`."""
-        eval_cfg = {"final": final}
+        eval_cfg = {"final": final, "job": self.job}
         if self.method.personalized and final:  # each client writes its own adapter
             eval_cfg["export-dir"] = str(self.out_dir / "adapters")
         eval_msgs = list(self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(eval_cfg), self.grid))
@@ -206,6 +267,7 @@ class _Server:
             client_metrics = dict(self.strategy.aggregate_evaluate(
                 rnd, self.grid.send_and_receive(eval_msgs, timeout=self.cfg.round_timeout)) or {})
             row.update(_personalized_names(client_metrics) if self.method.personalized else client_metrics)
+            row["eval_rejected"] = rejection_counts(self.strategy.eval_rejections)
         load_state(self.bundle, from_record(self.arrays))
         row.update(self.evaluate())
 

@@ -5,7 +5,8 @@ peft adapter, the final test predictions and an accuracy plot.
       status.json           {state, last_round, reason}: running, completed, budget-exhausted or
                             failed (`fedlora.core.status`), rewritten atomically every round
       run_config.json       resolved run config (kebab-case keys)
-      data.json             what loading the data dropped or altered, and each client's row counts
+      data.json             what loading the server's data dropped or altered, each site's row
+                            counts as it reported them, and the sites left out and why
       metrics.jsonl         round 0 = initial evaluation, then one object per round (a round
                             without a usable reply: `skipped` and `skip_reason`, model unchanged)
       predictions.json      final global model on the test split: labels and predictions
@@ -18,6 +19,8 @@ peft adapter, the final test predictions and an accuracy plot.
       privacy.json          dp: δ, accountant, target ε, each client's ε and participations, and
                             whether the guarantee holds against whoever knows `seed`
       privacy/<partition>.json  dp, simulation: each client's own ledger, written by the client
+      sites/<partition>/    simulation: what a site keeps between rounds (FedSA's own B), by job
+      checkpoint/           the last complete round (`server/checkpoint.py`), for `--resume`
 """
 
 from __future__ import annotations
@@ -26,34 +29,50 @@ import json
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.common.logger import log
 
 from fedlora.core.config import RunConfig
-from fedlora.core.data import ClientData, DataReport, TextData
+from fedlora.core.data import DataReport, TextData
+from fedlora.core.files import write_text_atomic
 from fedlora.core.model import ModelBundle, save_adapter, save_merged
-from fedlora.core.status import RunStatus, write_status
+from fedlora.core.status import RunStatus, check_fresh, write_status
 from fedlora.core.train import evaluate
 from fedlora.privacy import REPRODUCIBLE_WARNING
 from fedlora.strategies.flower import LoraStrategy
+
+from .checkpoint import Checkpoint, check_resume
+
+if TYPE_CHECKING:
+    from .app import Federation
 
 __all__ = ["RunOutputs"]
 
 
 class RunOutputs:
-    """Writes one run's files; creating it creates the folder and records the config."""
+    """Writes one run's files; creating it creates the folder and records the config.
 
-    def __init__(self, out_dir: Path, cfg: RunConfig) -> None:
+    With a `checkpoint` (a resumed run) metrics.jsonl is rewritten to exactly the checkpoint's rows
+    (a round that ran after the checkpoint was written runs again), once the config is checked
+    against the checkpoint's. Without one, a folder that holds a run is refused, unless that run
+    failed before its first training round (nothing of it is worth keeping).
+    """
+
+    def __init__(self, out_dir: Path, cfg: RunConfig, checkpoint: Checkpoint | None = None) -> None:
         self.dir = Path(out_dir)
         self.cfg = cfg
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
-        if self.metrics_path.exists():  # never mix two runs' files, never overwrite a finished run
-            raise FileExistsError(f"output-dir {self.dir} already holds a run; choose another folder")
-        self.metrics_path.write_text("")
-        self.rows: list[dict] = []
-        self.set_status("running", "starting")
+        if checkpoint is None:
+            check_fresh(self.dir)
+            self.rows: list[dict] = []
+        else:
+            check_resume(_comparable(checkpoint.run_config), _comparable(cfg.to_run_config()), checkpoint.round)
+            self.rows = list(checkpoint.rows)
+        write_text_atomic(self.metrics_path, "".join(json.dumps(row) + "\n" for row in self.rows))
+        self.set_status("running", f"resumed after round {checkpoint.round}" if checkpoint else "starting")
         (self.dir / "run_config.json").write_text(json.dumps(cfg.to_run_config(), indent=2) + "\n")
 
     def set_status(self, state: str, reason: str) -> None:
@@ -79,30 +98,34 @@ class RunOutputs:
         parts.append(f"{row['seconds']:.1f} s")
         log(INFO, "fedlora: %s", " | ".join(parts))
 
-    def save_data(self, report: DataReport, test_rows: int, clients: Mapping[int, ClientData]) -> None:
-        """data.json: what loading dropped or altered (also logged), the server's test rows, and
-        each client's training and local test rows."""
-        log(INFO, "fedlora: data: %s", report.summary())
+    def save_data(self, report: DataReport | None, test: TextData | None, fed: Federation) -> None:
+        """data.json: what loading the server's data dropped or altered (also logged; none when the
+        sites hold all data), the server's test rows, each site's training and local test rows (as
+        it reported them), and the sites left out with their reasons."""
+        if report is not None:
+            log(INFO, "fedlora: data: %s", report.summary())
         (self.dir / "data.json").write_text(json.dumps({
-            "source": report.source, "rows_read": report.rows_read, "rows_kept": report.rows_kept,
-            "dropped": report.dropped, "altered": report.altered, "server_test_rows": test_rows,
-            "clients": {str(pid): {"train_rows": len(share.train), "local_test_rows": len(share.test)}
-                        for pid, share in sorted(clients.items())},
+            **({"source": report.source, "rows_read": report.rows_read, "rows_kept": report.rows_kept,
+                "dropped": report.dropped, "altered": report.altered} if report is not None else {}),
+            "server_test_rows": None if test is None else len(test),
+            "clients": {str(pid): sizes for pid, sizes in sorted(fed.sizes.items())},
+            "left_out": dict(sorted(fed.refused.items())),
         }, indent=2) + "\n")
 
-    def save_final(self, bundle: ModelBundle, test: TextData, predictions: np.ndarray | None, *,
+    def save_final(self, bundle: ModelBundle, test: TextData | None, predictions: np.ndarray | None, *,
                    merged: bool) -> None:
-        """The global adapter (with head), tokenizer, labels and config; predictions; plot; and,
-        with `merged`, the full model with everything merged into its weights (last: the merge
-        happens in place).
+        """The global adapter (with head), tokenizer, labels and config; predictions on the
+        server's test data (if it has any); plot; and, with `merged`, the full model with
+        everything merged into its weights (last: the merge happens in place).
 
         `predictions` are the final global model's on `test` when the server already has them.
         """
         save_adapter(bundle, self.dir / "adapter", self.cfg.to_run_config())
-        if predictions is None:
-            predictions = evaluate(bundle, test, self.cfg)["predictions"]
-        (self.dir / "predictions.json").write_text(json.dumps(
-            {"labels": test.labels.tolist(), "predictions": predictions.tolist()}))
+        if test is not None:
+            if predictions is None:
+                predictions = evaluate(bundle, test, self.cfg)["predictions"]
+            (self.dir / "predictions.json").write_text(json.dumps(
+                {"labels": test.labels.tolist(), "predictions": predictions.tolist()}))
         self.plot()
         if merged:
             save_merged(bundle, self.dir / "merged")
@@ -156,3 +179,8 @@ class RunOutputs:
         fig.tight_layout()
         fig.savefig(self.dir / "accuracy.png", dpi=120)
         plt.close(fig)
+
+
+def _comparable(run_config: Mapping[str, object]) -> dict:
+    """A run config without `resume`, the one key that differs by design on a resumed run."""
+    return {k: v for k, v in run_config.items() if k != "resume"}

@@ -1,9 +1,12 @@
 """`fedlora` console script.
 
     fedlora run [APP_DIR] [--run-config "key=value ..."] [--num-supernodes N] [--client-cpus C]
+    fedlora run [APP_DIR] --resume OUTPUT_DIR [--run-config "num-server-rounds=..."]
 
 validates the run config, runs the simulation on a private SuperLink (see `runner`) and waits for
-its end. Exit 0: the run completed, or stopped early because every client's privacy budget was
+its end. `--resume` continues a run that stopped (crashed, killed, or asked for more rounds) from
+the checkpoint in its folder, with its saved config; only `num-server-rounds` and the timeouts may
+change. Exit 0: the run completed, or stopped early because every client's privacy budget was
 spent; the last line says which, after what round, and lists the outputs it wrote. Exit 1: the run
 failed or hung (the reason on stderr and in `<output-dir>/status.json`). Exit 2: bad input, before
 anything started. 128 + N: stopped by signal N (Ctrl-C, `kill`); every process it started is stopped.
@@ -15,6 +18,10 @@ anything started. 128 + N: stopped by signal N (Ctrl-C, `kill`); every process i
 `plan` prints the noise multiplier that meets a target ε, or the ε a noise multiplier spends;
 `report` prints the budget each client of a DP run has spent, from its ledger. Both exit 2 on
 bad input.
+
+    fedlora check-data FILE --labels a,b,c      a site checks its file before joining
+    fedlora certs OUT_DIR --host H ...          the CA and the SuperLink's TLS certificate
+    fedlora keys OUT_DIR [--name NAME]          a site's SuperNode key pair
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ __all__ = ["main"]
 #: what a finished run may leave in its output-dir, in the order the last line lists those it has
 _OUTPUTS = (("metrics", "metrics.jsonl"), ("adapter", "adapter"), ("merged model", "merged"),
             ("each client's adapter", "adapters"), ("privacy budgets", "privacy.json"))
+_FEDERATION = "federation.json"  # in <output-dir>/logs: the simulation's client count, for --resume
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -45,14 +53,43 @@ def _parse_overrides(items: list[str]) -> dict:
         raise ConfigError(f"--run-config could not be parsed ({exc}); use \"key=value key2='text'\"") from exc
 
 
+def _federation(args: argparse.Namespace) -> int:
+    """--num-supernodes: as given, else the resumed run's, else 10. A resumed run must keep its
+    clients: the partitions (and so every client's data) depend on their number."""
+    saved = None
+    if args.resume:
+        try:
+            saved = json.loads((Path(args.resume) / "logs" / _FEDERATION).read_text())["num-supernodes"]
+        except (OSError, ValueError, KeyError):
+            pass
+    if saved is not None and args.num_supernodes not in (None, saved):
+        raise ConfigError(f"--num-supernodes={args.num_supernodes}, but the run in {args.resume} has {saved} "
+                          "clients: a resumed run keeps its clients")
+    return args.num_supernodes or saved or 10
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """The run config: `--run-config` values; on resume over the stopped run's saved config."""
+    overrides = _parse_overrides(args.run_config or [])
+    if not args.resume:
+        return overrides
+    folder = Path(args.resume).resolve()
+    try:
+        saved = json.loads((folder / "run_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {args.resume}: not a run folder ({exc})") from None
+    return {**saved, **overrides, "resume": True, "output-dir": str(folder)}
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import RunFailed, preflight, resolve_config, run_simulation, unwind_on_signals
 
     try:
         if args.client_cpus < 1:
             raise ConfigError(f"--client-cpus={args.client_cpus} must be >= 1")
-        cfg = resolve_config(Path(args.app), _parse_overrides(args.run_config or []))
-        preflight(cfg, args.num_supernodes)
+        num_supernodes = _federation(args)
+        cfg = resolve_config(Path(args.app), _overrides(args))
+        preflight(cfg, num_supernodes)
     except ConfigError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
@@ -61,8 +98,11 @@ def _run(args: argparse.Namespace) -> int:
 
         print(f"fedlora: warning: {REPRODUCIBLE_WARNING}", file=sys.stderr)
     unwind_on_signals()  # a `kill` (or a CI cancel) must still stop the SuperLink
+    logs = Path(cfg.output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / _FEDERATION).write_text(json.dumps({"num-supernodes": num_supernodes}) + "\n")
     try:
-        status = run_simulation(Path(args.app), cfg, args.num_supernodes, client_cpus=args.client_cpus,
+        status = run_simulation(Path(args.app), cfg, num_supernodes, client_cpus=args.client_cpus,
                                 quiet=args.quiet)
     except RunFailed as exc:
         print(f"fedlora: run failed: {exc}", file=sys.stderr)
@@ -150,14 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("app", nargs="?", default=".", help="the Flower app folder (default: .)")
     run.add_argument("--run-config", "-c", action="append", metavar="'K=V ...'|FILE.toml",
                      help="override [tool.flwr.app.config] keys, as with `flwr run --run-config`")
-    run.add_argument("--num-supernodes", type=int, default=10,
-                     help="number of simulated clients (default: 10)")
+    run.add_argument("--num-supernodes", type=int, default=None,
+                     help="number of simulated clients (default: 10, or the resumed run's)")
+    run.add_argument("--resume", metavar="OUTPUT_DIR",
+                     help="continue the run in OUTPUT_DIR from its checkpoint, with its saved config")
     run.add_argument("--client-cpus", type=int, default=1,
                      help="CPU cores per simulated client; clients run in parallel on the cores "
                           "left (default: 1)")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the run's log")
     run.set_defaults(handler=_run)
     _add_privacy(sub)
+    from fedlora.deploy.keys import add_commands as add_key_commands
+
+    from .checkdata import add_commands as add_data_commands
+
+    add_data_commands(sub)
+    add_key_commands(sub)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -39,7 +39,8 @@ from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.status import RunStatus, read_status, write_status
 
 __all__ = ["IDLE_MARGIN", "MAX_STATUS_FAILURES", "RunFailed", "app_defaults", "follow_run", "preflight",
-           "resolve_config", "run_simulation", "unwind_on_signals"]
+           "resolve_config", "check_resumable", "run_simulation", "submit_and_follow", "unwind_on_signals",
+           "write_run_config"]
 
 _CONNECTION = "fedlora-local"
 #: seconds without a log line, beyond `round-timeout`, after which a run counts as hung
@@ -75,27 +76,52 @@ def resolve_config(app_dir: Path, overrides: dict[str, Any], *, cwd: Path | None
     if not out:
         out = str(base / "outputs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
     merged["output-dir"] = str((base / out).resolve()) if not os.path.isabs(out) else out
-    # The apps run in the SuperLink's working directory, not the user's: anchor relative paths.
-    for key in ("dataset", "model"):
+    # The apps run in the SuperLink's working directory, not the user's: anchor relative paths
+    # (a per-site file pattern, `{partition-id}`, is anchored whether or not it matches yet).
+    for key in ("dataset", "model", "server-test-data"):
         value = str(merged.get(key) or "")
-        if value and not os.path.isabs(value) and (base / value).exists():
+        if value and not os.path.isabs(value) and ((base / value).exists() or "{partition-id}" in value):
             merged[key] = str((base / value).resolve())
     return RunConfig.from_run_config(merged)
 
 
 def preflight(cfg: RunConfig, num_supernodes: int) -> None:
-    """Everything that can fail before training, checked before any process starts:
-    client count, data (file, columns, partitioning) and the model's presence."""
+    """Everything that can fail before training, checked before any process starts: the output
+    folder (a new run never overwrites one; a resumed run needs a checkpoint that fits the
+    config), client count, data (file, columns, labels, partitioning) and the model's presence."""
     from fedlora.core import data, model
+    from fedlora.core.status import check_fresh
 
     cfg.check_federation(num_supernodes)
-    if (Path(cfg.output_dir) / "metrics.jsonl").exists():
-        raise ConfigError(f"output-dir={cfg.output_dir!r} already holds a run; choose another folder")
-    data.split_test(cfg)
-    data.partition(cfg, num_supernodes)
+    if cfg.resume:
+        check_resumable(cfg)
+    else:
+        try:
+            check_fresh(cfg.output_dir)
+        except FileExistsError as exc:
+            raise ConfigError(str(exc)) from None
+    data.server_test(cfg)
+    if not data.is_site_data(cfg):
+        data.partition(cfg, num_supernodes)
     for pid in range(num_supernodes):
         data.client_data(cfg, pid, num_supernodes)
     model.check_model(cfg)
+
+
+def check_resumable(cfg: RunConfig) -> None:
+    """`ConfigError` unless `output-dir` holds a complete checkpoint whose config differs from `cfg`
+    only in keys that may change on resume."""
+    from fedlora.server.checkpoint import CheckpointError, check_resume, load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(Path(cfg.output_dir))
+        if checkpoint is None:
+            raise CheckpointError(f"{cfg.output_dir} has no checkpoint to resume (a run writes one after each round)")
+        drop = ("resume",)
+        check_resume({k: v for k, v in checkpoint.run_config.items() if k not in drop},
+                     {k: v for k, v in cfg.to_run_config().items() if k not in drop}, checkpoint.round)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _free_port() -> int:
@@ -273,8 +299,7 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client
     out_dir = Path(cfg.output_dir)
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    (logs / "run_config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n"
-                                                  for k, v in cfg.to_run_config().items()))
+    write_run_config(logs / "run_config.toml", cfg)
     try:
         run_id, flower_status = _submit_and_follow(app_dir, cfg, num_supernodes, client_cpus, quiet, logs)
     except BaseException as exc:
@@ -289,47 +314,71 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client
     return _ending(out_dir, run_id, flower_status, logs / "run.log")
 
 
+def write_run_config(path: Path, cfg: RunConfig) -> None:
+    """`cfg` as the TOML file `flwr run --run-config` reads."""
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_run_config().items()))
+
+
 def _submit_and_follow(app_dir: Path, cfg: RunConfig, num_supernodes: int, client_cpus: int, quiet: bool,
                        logs: Path) -> tuple[str, str]:
     """Submit the run to a private SuperLink and follow its log: (run id, Flower's final status)."""
-    with private_superlink(logs / "superlink.log") as (env, superlink):
-        submit = _flwr(["run", str(Path(app_dir).resolve()), _CONNECTION,
-                        "--run-config", str(logs / "run_config.toml"), "--federation-config",
-                        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
-                        "--format", "json"],
-                       env)
-        try:
-            run_id = str(json.loads(submit.stdout)["run-id"])
-        except (ValueError, KeyError):
-            raise RunFailed(f"flwr run did not start the run:\n{submit.stdout}\n{submit.stderr}") from None
+    def submitted(run_id: str) -> None:
         if not quiet:
             print(f"fedlora: run {run_id} submitted; outputs in {cfg.output_dir}", flush=True)
-        with (logs / "run.log").open("w") as log_file:
-            streamer = subprocess.Popen([_flwr_bin("flwr"), "log", run_id, _CONNECTION, "--stream"],
-                                        env=env, text=True, errors="replace", stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT)
 
-            def on_line(line: str) -> None:
-                log_file.write(line)
-                log_file.flush()
-                if not quiet:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-
-            try:
-                return run_id, follow_run(streamer, superlink, lambda: _flwr_status(run_id, env),
-                                          idle_limit=cfg.round_timeout + IDLE_MARGIN, on_line=on_line)
-            finally:
-                _stop_tree(streamer, grace=5.0)
+    with private_superlink(logs / "superlink.log") as (env, superlink), \
+            (logs / "run.log").open("a") as log_file:  # a resumed run appends
+        return submit_and_follow(
+            app_dir, _CONNECTION, env, logs / "run_config.toml", superlink=superlink,
+            idle_limit=cfg.round_timeout + IDLE_MARGIN, quiet=quiet, log_file=log_file, on_submit=submitted,
+            extra_args=["--federation-config",
+                        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"])
 
 
-def follow_run(streamer: subprocess.Popen, superlink: subprocess.Popen, run_status: Callable[[], str], *,
+def submit_and_follow(app_dir: Path, connection: str, env: dict[str, str], run_config: Path, *,
+                      superlink: subprocess.Popen | None, idle_limit: float, quiet: bool,
+                      log_file: IO[str] | None = None, on_submit: Callable[[str], None] | None = None,
+                      extra_args: list[str] | tuple[str, ...] = ()) -> tuple[str, str]:
+    """`flwr run APP CONNECTION --run-config FILE --format json` with `env` (its FLWR_HOME names the
+    connection), then follow the run's log (`flwr log --stream`, each line into `log_file` and, unless
+    `quiet`, stdout) to the run's end with `follow_run`: (run id, Flower's final status).
+    `on_submit(run_id)` is called once the run is submitted. The log streamer is stopped on any exit;
+    the run itself is not touched."""
+    submit = _flwr(["run", str(Path(app_dir).resolve()), connection, "--run-config", str(run_config),
+                    *extra_args, "--format", "json"], env)
+    try:
+        run_id = str(json.loads(submit.stdout)["run-id"])
+    except (ValueError, KeyError):
+        raise RunFailed(f"flwr run did not start the run:\n{submit.stdout}\n{submit.stderr}") from None
+    if on_submit is not None:
+        on_submit(run_id)
+    streamer = subprocess.Popen([_flwr_bin("flwr"), "log", run_id, connection, "--stream"],
+                                env=env, text=True, errors="replace", stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+
+    def on_line(line: str) -> None:
+        if log_file is not None:
+            log_file.write(line)
+            log_file.flush()
+        if not quiet:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    try:
+        return run_id, follow_run(streamer, superlink, lambda: _flwr_status(run_id, env, connection),
+                                  idle_limit=idle_limit, on_line=on_line)
+    finally:
+        _stop_tree(streamer, grace=5.0)
+
+
+def follow_run(streamer: subprocess.Popen, superlink: subprocess.Popen | None, run_status: Callable[[], str], *,
                idle_limit: float, on_line: Callable[[str], None], poll: float = 60.0,
                drain: float = 10.0) -> str:
     """Pass each line of `streamer`'s output to `on_line` until `run_status` (Flower's status of the
     run; raises `RunFailed` when it cannot tell) says the run finished; returns that status.
 
-    Raises `RunFailed` naming the hang when the SuperLink exits, when `run_status` fails
+    Raises `RunFailed` naming the hang when the SuperLink exits (`superlink`: its process, or None for
+    a SuperLink this machine does not run; `run_status` failing then tells), when `run_status` fails
     MAX_STATUS_FAILURES times in a row, or when no line arrives for `idle_limit` s. The status is
     asked at once when the stream ends and whenever `poll` s pass without a line (or another ask),
     so the end of a run is seen even if the stream hangs; while lines flow the run is alive, and
@@ -353,7 +402,7 @@ def follow_run(streamer: subprocess.Popen, superlink: subprocess.Popen, run_stat
             else:
                 on_line(line)
                 last_line = time.monotonic()
-        if superlink.poll() is not None:
+        if superlink is not None and superlink.poll() is not None:
             raise RunFailed(f"the SuperLink exited (code {superlink.returncode})")
         now = time.monotonic()
         if ask_now or now >= max(last_line, last_ask) + poll:
@@ -387,9 +436,9 @@ def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
         lines.put(None)
 
 
-def _flwr_status(run_id: str, env: dict[str, str]) -> str:
+def _flwr_status(run_id: str, env: dict[str, str], connection: str = _CONNECTION) -> str:
     """Flower's status of the run, e.g. `running` or `finished:completed` (one `flwr ls`)."""
-    res = _flwr(["ls", _CONNECTION, "--run-id", run_id, "--format", "json"], env, timeout=60.0)
+    res = _flwr(["ls", connection, "--run-id", run_id, "--format", "json"], env, timeout=60.0)
     if res.returncode != 0:
         raise RunFailed(f"`flwr ls` exited with code {res.returncode}: {res.stderr.strip()[-300:]}")
     try:

@@ -2,8 +2,9 @@
 
 It does what Flower's FedAvg would get wrong for LoRA: it samples partitions (not Flower's random
 node ids) with a generator seeded by (seed, round), sends each client only what its method needs,
-validates replies itself (error replies, wrong keys or shapes, non-finite values and empty
-clients are dropped and counted rather than averaged), aggregates in partition order so that runs
+validates replies itself (error replies, wrong keys or shapes, non-finite or oversized updates and
+implausible example counts are dropped and counted, with their reason and client, rather than
+averaged), aggregates in partition order so that runs
 are bit-for-bit reproducible, and keeps per-client values out of Flower's metric averaging.
 
 A round in which no reply can be used (every sampled client refused, failed or timed out) is not
@@ -27,7 +28,18 @@ from flwr.serverapp.strategy import Strategy
 
 from .base import ClientSpec, LoraMethod, State, lora_rank, normalized_weights
 
-__all__ = ["LoraStrategy", "from_record", "payload_bytes", "to_record"]
+__all__ = ["MAX_EXAMPLES", "LoraStrategy", "from_record", "payload_bytes", "rejection_counts", "to_record"]
+
+#: the largest num-examples a reply may report (a larger one is a bug or an attempt to dominate the average)
+MAX_EXAMPLES = 10**9
+
+
+def rejection_counts(rejections: Iterable[tuple[int, str]]) -> dict[str, list[int]]:
+    """reason → the clients dropped for it (metrics.jsonl's `rejected`)."""
+    out: dict[str, list[int]] = {}
+    for pid, why in rejections:
+        out.setdefault(why, []).append(pid)
+    return {why: sorted(pids) for why, pids in out.items()}
 
 
 def payload_bytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -55,20 +67,26 @@ class LoraStrategy(Strategy):
     ranks : Mapping[int, int] | None
         partition-id → the client's LoRA rank (default: the global state's rank for all).
     clients_per_round : int
-        Clients sampled for training (and for client-side evaluation) each round.
+        Clients sampled for training (and for client-side evaluation) each round; all of them
+        when fewer are connected (sites may be left out of a job).
     seed : int
         Seeds client sampling: round t samples with a generator seeded by (seed, t).
     evaluate_clients : bool (default: False)
         Ask sampled clients to evaluate the global model on their local test split. A personalised
         method (FedSA) always evaluates on clients: those that trained in the round, and every
         client that ever trained when the config says `final` (they also export their adapter).
+    max_update_norm : float (default: inf)
+        An update whose L2 norm (over all its tensors) exceeds this is rejected: a finite but huge
+        update would otherwise dominate the average.
+    min_clients : int (default: 1)
+        A round with fewer usable updates aggregates nothing (the model stays as it was).
     """
 
     def __init__(self, method: LoraMethod, *, partitions: Mapping[int, int], clients_per_round: int,
-                 seed: int, evaluate_clients: bool = False, ranks: Mapping[int, int] | None = None) -> None:
-        if clients_per_round > len(partitions):
-            raise ValueError(f"clients-per-round={clients_per_round} is larger than the "
-                             f"{len(partitions)} connected clients")
+                 seed: int, evaluate_clients: bool = False, ranks: Mapping[int, int] | None = None,
+                 max_update_norm: float = float("inf"), min_clients: int = 1) -> None:
+        if not partitions:
+            raise ValueError("no client to train: the federation is empty")
         self.method = method
         self.partitions = dict(partitions)
         self._pid_of_node = {node: pid for pid, node in self.partitions.items()}
@@ -76,13 +94,15 @@ class LoraStrategy(Strategy):
         self.seed = seed
         self.evaluate_clients = evaluate_clients or method.personalized
         self.ranks = dict(ranks or {})
+        self.max_update_norm = max_update_norm
+        self.min_clients = min_clients
         # Partitions that have answered a message without an error at least once: they surely hold
         # what is sent only once. Any non-error reply counts, a refusal and an evaluation too.
         self.contacted: set[int] = set()
         self.trained: list[int] = []  # partitions whose update was aggregated in the last round
-        #: why each dropped reply of the last `aggregate_train` / `aggregate_evaluate` was dropped
-        self.rejected: list[str] = []
-        self.eval_rejected: list[str] = []
+        #: (partition, why) of each dropped reply of the last `aggregate_train` / `aggregate_evaluate`
+        self.rejections: list[tuple[int, str]] = []
+        self.eval_rejections: list[tuple[int, str]] = []
         # Privacy: each client's ε as it last reported it, its aggregated participations, and the
         # clients that refused because their budget is spent (never sampled again).
         self.epsilon: dict[int, float] = {}
@@ -93,6 +113,15 @@ class LoraStrategy(Strategy):
         self._sent: dict[int, State] = {}  # what each client of the current round was sent
         self._outbox: list[tuple[int, Message]] = []  # (partition, message) of the current request
         self._bytes_down = 0
+
+    @property
+    def rejected(self) -> list[str]:
+        """Why each train reply of the last round was dropped, one line per client."""
+        return [f"client {pid}: {why}" for pid, why in self.rejections]
+
+    @property
+    def eval_rejected(self) -> list[str]:
+        return [f"client {pid}: {why}" for pid, why in self.eval_rejections]
 
     def eligible(self) -> list[int]:
         """Partitions that may still be sampled: all but those whose privacy budget is spent."""
@@ -111,7 +140,7 @@ class LoraStrategy(Strategy):
         self._outbox.append((pid, msg))
         return msg
 
-    def _received(self, replies: Iterable[Message]) -> tuple[list[tuple[int, Message]], list[str]]:
+    def _received(self, replies: Iterable[Message]) -> tuple[list[tuple[int, Message]], list[tuple[int, str]]]:
         """(partition, reply) of every reply without an error, and why the others count as dropped:
         error replies and partitions that sent none. Every partition that answered without an
         error is marked as contacted.
@@ -126,11 +155,11 @@ class LoraStrategy(Strategy):
                             self._pid_of_node.get(reply.metadata.src_node_id, -1))
             answered.add(pid)
             if reply.has_error():
-                dropped.append(f"client {pid}: error {reply.error.reason}")
+                dropped.append((pid, f"error {reply.error.reason}"))
             else:
                 got.append((pid, reply))
         self.contacted.update(pid for pid, _ in got if pid in self.partitions)
-        dropped += [f"client {pid}: no reply within round-timeout" for pid, _ in self._outbox if pid not in answered]
+        dropped += [(pid, "no reply within round-timeout") for pid, _ in self._outbox if pid not in answered]
         self._outbox = []
         return got, dropped
 
@@ -159,7 +188,7 @@ class LoraStrategy(Strategy):
         got, rejected = self._received(replies)
         for pid, reply in got:
             if pid not in self._sent:
-                rejected.append(f"client {pid}: answered although it was not sampled")
+                rejected.append((pid, "answered although it was not sampled"))
                 continue
             sent = self._sent[pid]
             expected = self.method.uplink_keys(sent)
@@ -172,25 +201,33 @@ class LoraStrategy(Strategy):
                 self._refused_now += 1
                 continue
             update = from_record(reply.content["arrays"])
-            problem = None
-            if sorted(update) != sorted(expected):
-                problem = f"sent keys {sorted(set(update) ^ set(expected))[:4]} out of line with {self.method.name}"
-            elif any(update[k].shape != sent[k].shape for k in expected):
-                problem = "sent arrays of the wrong shape"
-            elif not all(bool(torch.isfinite(update[k]).all()) for k in expected):
-                problem = "sent non-finite values"
-            elif int(metrics.get("num-examples", 0)) <= 0:
-                problem = "reported no training examples"
+            problem = self._problem(update, sent, expected, metrics.get("num-examples"))
             if problem:
-                rejected.append(f"client {pid}: {problem}")
+                rejected.append((pid, problem))
                 continue
             ok.append((pid, update, int(metrics["num-examples"]), metrics.get("train-loss")))
         ok.sort(key=lambda item: item[0])  # a fixed order makes the float sums reproducible
-        self.rejected = rejected
-        self.trained = [pid for pid, *_ in ok]
-        for pid in self.trained:
-            self.participations[pid] = self.participations.get(pid, 0) + 1
+        self.rejections = rejected
         return ok
+
+    def _problem(self, update: State, sent: State, expected: list[str], num_examples: Any) -> str | None:
+        """Why an update cannot be aggregated (None if it can). Checked in order of cost."""
+        if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)) \
+                or not float(num_examples).is_integer():
+            return f"reported num-examples={num_examples!r}, not an integer"
+        if not 0 < num_examples <= MAX_EXAMPLES:
+            return (f"reported num-examples={int(num_examples)}, outside 1..{MAX_EXAMPLES:.0e}" if num_examples
+                    else "reported no training examples")
+        if sorted(update) != sorted(expected):
+            return f"sent keys {sorted(set(update) ^ set(expected))[:4]} out of line with {self.method.name}"
+        if any(update[k].shape != sent[k].shape for k in expected):
+            return "sent arrays of the wrong shape"
+        if not all(bool(torch.isfinite(update[k]).all()) for k in expected):
+            return "sent non-finite values"
+        norm = float(torch.sqrt(sum(update[k].double().square().sum() for k in expected)))
+        if norm > self.max_update_norm:
+            return f"sent an update of norm {norm:.4g} > max-update-norm {self.max_update_norm:g}"
+        return None
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
@@ -203,7 +240,16 @@ class LoraStrategy(Strategy):
         ok = self._valid_updates(replies)
         for reason in self.rejected:
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
-        counts = {"num_clients": len(ok), "num_rejected": len(self.rejected), "bytes_down": self._bytes_down}
+        if 0 < len(ok) < self.min_clients:
+            # Too few to aggregate (a small average would reveal too much of one client, or too
+            # little of the federation): the round is skipped, and these clients say why.
+            self.rejections += [(pid, f"one of {len(ok)} usable replies, fewer than min-clients={self.min_clients}")
+                                for pid, *_ in ok]
+            ok = []
+        self.trained = [pid for pid, *_ in ok]
+        for pid in self.trained:
+            self.participations[pid] = self.participations.get(pid, 0) + 1
+        counts = {"num_clients": len(ok), "num_rejected": len(self.rejections), "bytes_down": self._bytes_down}
         if not ok:
             return None, MetricRecord({**counts, "bytes_up": 0})
         weights = normalized_weights([n for _, _, n, _ in ok])
@@ -251,12 +297,14 @@ class LoraStrategy(Strategy):
         got, rejected = self._received(replies)
         rows = []
         for pid, reply in got:
-            if int(reply.content["metrics"].get("num-examples", 0)) <= 0:
-                rejected.append(f"client {pid}: evaluated no examples")
+            if "refusal" in reply.content:  # the site does not let its local metrics leave it
+                rejected.append((pid, f"refused: {reply.content['refusal']['reason']}"))
+            elif int(reply.content["metrics"].get("num-examples", 0)) <= 0:
+                rejected.append((pid, "evaluated no examples"))
             else:
                 rows.append(reply.content["metrics"])
-        self.eval_rejected = rejected
-        for reason in rejected:
+        self.eval_rejections = rejected
+        for reason in self.eval_rejected:
             log(WARNING, "round %d: dropped evaluation reply from %s", server_round, reason)
         if not rows:
             return MetricRecord({"client_evaluated": 0, "client_eval_rejected": len(rejected)}) if rejected else None

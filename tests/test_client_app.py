@@ -63,16 +63,21 @@ def _train(run_config: dict, context: Context, server_round: int, arrays: dict |
     return client_app.train(_message(arrays if arrays is not None else _init(run_config), server_round), context)
 
 
+def _fresh_ledger(cfg: RunConfig) -> PrivacyLedger:
+    return PrivacyLedger(cfg.target_epsilon, cfg.target_delta, cfg.accountant)
+
+
 def test_sigma_is_opacus_answer_for_this_clients_rate_and_planned_steps(run_config):
     cfg = RunConfig.from_run_config({**run_config, "dp-max-participations": 3})
     n = len(client_data(cfg, 0, NUM).train)
-    dp = client_app._dp_settings(cfg, n)
+    dp, why_not = client_app._dp_settings(cfg, _fresh_ledger(cfg), "job", n)
+    assert why_not == ""
     q = min(1.0, cfg.batch_size / n)
     assert dp.sample_rate == q and dp.max_grad_norm == cfg.max_grad_norm and not dp.reproducible
     assert dp.noise_multiplier == pytest.approx(get_noise_multiplier(
         target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, sample_rate=q,
         steps=3 * cfg.local_steps, accountant="prv"), rel=1e-12)
-    assert client_app._dp_settings(cfg.replace(dp_reproducible=True), n).reproducible
+    assert client_app._dp_settings(cfg.replace(dp_reproducible=True), _fresh_ledger(cfg), "job", n)[0].reproducible
 
 
 def test_a_dp_reply_carries_the_ledgers_epsilon_and_no_loss(run_config, tmp_path):
@@ -81,7 +86,7 @@ def test_a_dp_reply_carries_the_ledgers_epsilon_and_no_loss(run_config, tmp_path
     metrics = reply.content["metrics"]
     assert "train-loss" not in metrics and int(metrics["num-examples"]) > 0
     cfg = RunConfig.from_run_config(run_config)
-    dp = client_app._dp_settings(cfg, int(metrics["num-examples"]))
+    dp, _ = client_app._dp_settings(cfg, _fresh_ledger(cfg), "", int(metrics["num-examples"]))
     independent = PRVAccountant()
     for _ in range(cfg.local_steps):
         independent.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)

@@ -167,13 +167,8 @@ def test_merged_export_equals_the_model_with_its_base_change(cfg, tmp_path):
 
 
 def test_a_node_config_rank_overrides_lora_ranks():
-    from flwr.app import Context, RecordDict
-
-    from fedlora.client.app import _identity
+    from fedlora.client.site import Site
 
     cfg = RunConfig.from_run_config({"strategy": "flexlora", "lora-ranks": "2,4"})
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3},
-                  state=RecordDict(), run_config={})
-    assert _identity(ctx, cfg) == (1, 3, 4)
-    ctx.node_config["lora-rank"] = 16
-    assert _identity(ctx, cfg) == (1, 3, 16)
+    assert Site.from_node_config({"partition-id": 1, "num-partitions": 3}).rank(cfg) == 4
+    assert Site.from_node_config({"partition-id": 1, "num-partitions": 3, "lora-rank": 16}).rank(cfg) == 16

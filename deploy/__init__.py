@@ -1,0 +1,1 @@
+"""Deployment across sites: certificates, site keys, and submitting runs to a SuperLink."""
