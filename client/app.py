@@ -26,7 +26,9 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import logging
 import time
+from logging import INFO
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import FLOWER_LOGGER, log
 from safetensors.torch import load_file, save_file
 
 from fedlora.core.config import RunConfig
@@ -65,7 +68,20 @@ def _bundle(cfg: RunConfig) -> ModelBundle:
 
 
 def _site(context: Context) -> Site:
-    return Site.from_node_config(context.node_config)
+    site = Site.from_node_config(context.node_config)
+    if site.site_dir:
+        _log_to(Path(site.site_dir) / "client.log")
+    return site
+
+
+@functools.cache
+def _log_to(path: Path) -> None:
+    """Flower's log of this ClientApp process also goes to the site's folder: a deployment starts
+    a process per message, whose output otherwise exists only in the SuperNode's terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    FLOWER_LOGGER.addHandler(handler)
 
 
 def _data(cfg: RunConfig, site: Site) -> ClientData:
@@ -119,10 +135,12 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, ModelBundle
 def _log_sent(cfg: RunConfig, site: Site, msg: Message, context: Context, reply: Message) -> Message:
     """Append what leaves the site to `<site-dir>/sent.jsonl` (only with a site-dir: the simulation's
     virtual sites have no operator to read it)."""
+    kind, content = msg.metadata.message_type, reply.content
+    log(INFO, "fedlora site %d: %s reply sent%s", site.partition_id, kind,
+        f" (refused: {content['refusal']['reason']})" if "refusal" in content else "")
     if site.site_dir:
-        content = reply.content
         arrays = from_record(content["arrays"]) if "arrays" in content else {}
-        row = {"time": time.time(), "job": _job(msg), "run": context.run_id, "kind": msg.metadata.message_type,
+        row = {"time": time.time(), "job": _job(msg), "run": context.run_id, "kind": kind,
                "round": int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0,
                "bytes": payload_bytes(arrays), "arrays": {k: list(v.shape) for k, v in arrays.items()},
                "metrics": {k: v for k, v in dict(content["metrics"]).items()} if "metrics" in content else {},

@@ -147,7 +147,7 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs, checkpoint: Checkpoint
     method = get_method(cfg.strategy, cfg.to_run_config())
     server = _Server(cfg, grid, method, fed, outputs.dir, job)
     server.strategy.summary()
-    outputs.save_data(data_report(cfg), server.test, fed)
+    outputs.save_data(data_report(cfg), server.test, fed, server.evaluation)
 
     if checkpoint:
         server.restore(checkpoint)
@@ -202,9 +202,8 @@ class _Server:
                                      max_update_norm=cfg.max_update_norm, min_clients=cfg.min_clients)
         self.predictions = None  # of the latest server evaluation, reused for predictions.json
         self.next_round = 1
-        if self.test is None and cfg.evaluate_on == "server":
-            log(WARNING, "fedlora: this run has no evaluation: the server holds no labelled data "
-                "(set server-test-data)%s", "" if cfg.dp else ", and evaluate-on is 'server'")
+        self.evaluation = _evaluation(cfg, self.test is not None)
+        log(INFO if self.test is not None else WARNING, "fedlora: evaluation: %s", self.evaluation)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue after the checkpoint's round. The nodes' state did not survive (a new Flower
@@ -270,6 +269,20 @@ class _Server:
             row["eval_rejected"] = rejection_counts(self.strategy.eval_rejections)
         load_state(self.bundle, from_record(self.arrays))
         row.update(self.evaluate())
+
+
+def _evaluation(cfg: RunConfig, server_has_data: bool) -> str:
+    """Who evaluates the global model, in words (logged, and in data.json)."""
+    where = []
+    if cfg.evaluate_on in ("server", "both") and server_has_data:
+        where.append("the server, on its test data")
+    if cfg.evaluate_on in ("clients", "both"):
+        where.append("the clients, on their local test rows, where their site allows it")
+    if where:
+        return " and ".join(where)
+    return ("none: the server holds no labelled data (set server-test-data)"
+            + (" and under dp=true no site may release local metrics" if cfg.dp else
+               ", and evaluate-on is 'server'"))
 
 
 def _personalized_names(metrics: dict) -> dict:

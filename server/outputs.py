@@ -51,6 +51,15 @@ if TYPE_CHECKING:
 __all__ = ["RunOutputs"]
 
 
+#: what leaves a site in a DP run (privacy.json; the README's "What leaves a site")
+RELEASED = ["the LoRA/head updates of the rounds it trained in (covered by ε)",
+            "n_k, its number of training examples, for weighting (not covered)",
+            "its ε: this job's and its lifetime's (not covered)",
+            "refusals and their reasons (not covered)",
+            "at the first query: its id, LoRA rank, fedlora version and data sizes (not covered)",
+            "local evaluation metrics, only where the site sets allow-evaluation (not covered)"]
+
+
 class RunOutputs:
     """Writes one run's files; creating it creates the folder and records the config.
 
@@ -98,16 +107,17 @@ class RunOutputs:
         parts.append(f"{row['seconds']:.1f} s")
         log(INFO, "fedlora: %s", " | ".join(parts))
 
-    def save_data(self, report: DataReport | None, test: TextData | None, fed: Federation) -> None:
+    def save_data(self, report: DataReport | None, test: TextData | None, fed: Federation, evaluation: str) -> None:
         """data.json: what loading the server's data dropped or altered (also logged; none when the
         sites hold all data), the server's test rows, each site's training and local test rows (as
-        it reported them), and the sites left out with their reasons."""
+        it reported them), the sites left out with their reasons, and who evaluates."""
         if report is not None:
             log(INFO, "fedlora: data: %s", report.summary())
         (self.dir / "data.json").write_text(json.dumps({
             **({"source": report.source, "rows_read": report.rows_read, "rows_kept": report.rows_kept,
                 "dropped": report.dropped, "altered": report.altered} if report is not None else {}),
             "server_test_rows": None if test is None else len(test),
+            "evaluation": evaluation,
             "clients": {str(pid): sizes for pid, sizes in sorted(fed.sizes.items())},
             "left_out": dict(sorted(fed.refused.items())),
         }, indent=2) + "\n")
@@ -134,6 +144,7 @@ class RunOutputs:
         """privacy.json: the budget and each client's ε as its ledger last reported it."""
         cfg = self.cfg
         clients = {str(pid): {"epsilon": strategy.epsilon.get(pid, 0.0),
+                              **({"site_epsilon": strategy.site_epsilon[pid]} if pid in strategy.site_epsilon else {}),
                               "participations": strategy.participations.get(pid, 0),
                               "exhausted": pid in strategy.exhausted,
                               **({"reason": strategy.exhausted[pid]} if pid in strategy.exhausted else {})}
@@ -147,6 +158,7 @@ class RunOutputs:
                                  "record-level (ε, δ)-DP of each client's training examples against "
                                  "everything the client sent; batches and noise were drawn from the "
                                  "operating system's entropy"),
+                   "released": RELEASED,
                    "clients": clients,
                    "epsilon_max": max((c["epsilon"] for c in clients.values()), default=0.0)}
         (self.dir / "privacy.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -22,6 +22,8 @@ bad input.
     fedlora check-data FILE --labels a,b,c      a site checks its file before joining
     fedlora certs OUT_DIR --host H ...          the CA and the SuperLink's TLS certificate
     fedlora keys OUT_DIR [--name NAME]          a site's SuperNode key pair
+    fedlora submit [APP_DIR] --superlink H:P (--root-certificates CA | --insecure) -c "output-dir=..."
+                                                a run on a deployed federation, to its real end (docs/deployment.md)
 """
 
 from __future__ import annotations
@@ -201,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(handler=_run)
     _add_privacy(sub)
     from fedlora.deploy.keys import add_commands as add_key_commands
+    from fedlora.deploy.submit import add_commands as add_submit_commands
 
     from .checkdata import add_commands as add_data_commands
 
     add_data_commands(sub)
     add_key_commands(sub)
+    add_submit_commands(sub)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -106,6 +106,7 @@ class LoraStrategy(Strategy):
         # Privacy: each client's ε as it last reported it, its aggregated participations, and the
         # clients that refused because their budget is spent (never sampled again).
         self.epsilon: dict[int, float] = {}
+        self.site_epsilon: dict[int, float] = {}
         self.participations: dict[int, int] = {}
         self.exhausted: dict[int, str] = {}  # partition -> the client's reason
         self._refused_now = 0
@@ -195,6 +196,8 @@ class LoraStrategy(Strategy):
             metrics = reply.content["metrics"]
             if "epsilon" in metrics:
                 self.epsilon[pid] = float(metrics["epsilon"])
+            if "site-epsilon" in metrics:  # the site's lifetime spend, all its jobs together
+                self.site_epsilon[pid] = float(metrics["site-epsilon"])
             if int(metrics.get("refused", 0)):
                 # An explicit refusal (its privacy budget is spent): filtered out, never sampled again.
                 self.exhausted[pid] = str(reply.content["refusal"]["reason"]) if "refusal" in reply.content else ""
@@ -331,7 +334,8 @@ class LoraStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method.state_dict(), "contacted": sorted(self.contacted), "trained": self.trained,
-                "epsilon": dict(self.epsilon), "participations": dict(self.participations),
+                "epsilon": dict(self.epsilon), "site_epsilon": dict(self.site_epsilon),
+                "participations": dict(self.participations),
                 "exhausted": dict(self.exhausted)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -339,5 +343,6 @@ class LoraStrategy(Strategy):
         self.contacted = set(state["contacted"])
         self.trained = list(state["trained"])
         self.epsilon = {int(k): float(v) for k, v in state["epsilon"].items()}
+        self.site_epsilon = {int(k): float(v) for k, v in state.get("site_epsilon", {}).items()}
         self.participations = {int(k): int(v) for k, v in state["participations"].items()}
         self.exhausted = {int(k): str(v) for k, v in state["exhausted"].items()}

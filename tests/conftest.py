@@ -84,3 +84,14 @@ def fedlora_run(overrides: dict, *, num_supernodes: int = 3, timeout: float = 60
     cmd = [sys.executable, "-m", "fedlora.simulations.cli", "run", str(REPO), "--quiet",
            "--num-supernodes", str(num_supernodes), "--run-config", pairs]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages need a run id (and a node and task id), which Flower sets inside a real run: for
+    tests that call the app handlers directly."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)

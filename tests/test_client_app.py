@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -20,15 +19,9 @@ from fedlora.core.model import build_model, global_state
 from fedlora.privacy import PrivacyLedger, ledger_path
 from fedlora.strategies.flower import from_record, to_record
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 NUM = 3  # partitions
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages need a run id, which Flower sets inside a real run."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -56,3 +56,19 @@ def test_the_readmes_privacy_plan_commands_run(command, capsys):
     assert len(PLAN_COMMANDS) == 2
     assert cli(shlex.split(command)[1:]) == 0
     assert "ε" in capsys.readouterr().out
+
+
+CHECK_DATA = [line.split("#")[0].strip() for line in README.splitlines() if line.startswith("fedlora check-data")]
+
+
+def test_the_readmes_check_data_command_runs(tmp_path, monkeypatch, capsys):
+    """The command a site types before it joins, on a file at the README's path."""
+    assert len(CHECK_DATA) == 1
+    args = shlex.split(CHECK_DATA[0])[1:]
+    path = tmp_path / args[1]
+    path.parent.mkdir(parents=True)
+    labels = args[args.index("--labels") + 1].split(",")
+    path.write_text("text,label\n" + "".join(f"note {i},{labels[i % len(labels)]}\n" for i in range(30)))
+    monkeypatch.chdir(tmp_path)
+    assert cli(args) == 0
+    assert "ok:" in capsys.readouterr().out

@@ -402,3 +402,61 @@ def test_a_superlink_that_dies_ends_the_run_with_an_error(start_run, tiny_overri
     assert "the SuperLink exited (code -9)" in said and "stopped the SuperLink" in said, said
     status = read_status(out)
     assert status.state == "failed" and status.reason == "the SuperLink exited (code -9)", status
+
+
+def _kill_tree(root: int, started_before: set[str]) -> None:
+    """SIGKILL `root`, everything below it and every Flower process this test started (Ray's
+    daemons are not all descendants): the crash a power cut or the OOM killer would cause."""
+    import os
+    import signal
+    import time
+
+    kids: dict[str, list[str]] = {}
+    for pid, ppid, _, _ in _processes():
+        kids.setdefault(ppid, []).append(pid)
+    tree, todo = set(), [str(root)]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += kids.get(pid, [])
+    for _ in range(20):
+        for pid in tree | (_flower_pids() - started_before):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not (_flower_pids() - started_before):
+            return
+        time.sleep(0.5)
+
+
+def test_kill_9_of_the_whole_run_then_resume_ends_as_an_uninterrupted_run(start_run, tiny_overrides, tmp_path):
+    """`fedlora run` and every process under it are killed at once during round 2; `fedlora run
+    --resume` continues from round 1's checkpoint and ends with the same metrics and adapter."""
+    overrides = {**tiny_overrides, "num-server-rounds": 3, "local-steps": 20}
+    assert fedlora_run({**overrides, "output-dir": str(tmp_path / "whole")}).returncode == 0
+    before = _flower_pids()
+    out = tmp_path / "o"
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = start_run({**overrides, "output-dir": str(out)}, stderr)
+    assert _printed(proc, "round 2: training", timeout=180), "the run never reached round 2"
+    _kill_tree(proc.pid, before)
+    proc.wait(timeout=30)
+    assert json.loads((out / "status.json").read_text())["state"] == "running"  # nobody could record the end
+    import sys
+
+    from conftest import REPO
+
+    resumed = subprocess.run([sys.executable, "-m", "fedlora.simulations.cli", "run", str(REPO), "--quiet",
+                              "--resume", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "completed after round 3" in resumed.stdout
+
+    def rows(folder: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(out) == rows(tmp_path / "whole")
+    got, want = (load_file(folder / "adapter" / "adapter_model.safetensors") for folder in (out, tmp_path / "whole"))
+    assert sorted(got) == sorted(want)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6, rtol=0) for k in got)

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fedlora.client import app as client_app
@@ -18,6 +17,8 @@ from fedlora.core.status import read_status
 from fedlora.server import app as server_app
 from fedlora.server.checkpoint import load_checkpoint
 from fedlora.strategies.flower import from_record, to_record
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 HANDLERS = {MessageType.QUERY: client_app.query, MessageType.TRAIN: client_app.train,
             MessageType.EVALUATE: client_app.evaluate_local}
@@ -66,13 +67,6 @@ class FakeGrid:
         if when == "after":
             raise Crash(f"{kind} #{self.requests[kind]}")
         return replies
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
 @pytest.fixture
@@ -233,3 +227,36 @@ def test_every_update_that_left_a_site_is_in_its_ledger_once_even_across_a_crash
     ledger = json.loads((tmp_path / "run" / "privacy" / "0.json").read_text())
     # Round 2 ran twice (its first updates were lost with the server): both spends are recorded.
     assert [p["round"] for p in ledger["participations"]] == [1, 2, 2, 3]
+
+
+def test_sites_with_their_own_files_and_a_server_without_labelled_data(run_config, tiny_csv, tmp_path):
+    """Each site trains on its own file (different label mixes); the server has no data, so under
+    DP nobody evaluates, and the run says so; a site whose file holds a label outside `labels` is
+    left out with the file, column and values named."""
+    import pandas as pd
+
+    rows = pd.read_csv(tiny_csv)
+    labels = sorted(rows["label"].unique())
+    files = {}
+    for pid, keep in enumerate([labels[:2], labels[1:]]):  # site 0 lacks one class, site 1 another
+        files[pid] = tmp_path / f"site-{pid}.csv"
+        rows[rows["label"].isin(keep)].head(80).to_csv(files[pid], index=False)
+    files[2] = tmp_path / "site-2.csv"
+    rows.head(40).assign(label="unknown").to_csv(files[2], index=False)
+    config = {**run_config, "dataset": "", "labels": ",".join(labels), "dp": True, "accountant": "rdp",
+              "num-server-rounds": 2}
+    nodes = {1000 + pid: {"partition-id": pid, "num-partitions": 3, "data": str(path),
+                          "site-dir": str(tmp_path / f"site-dir-{pid}")} for pid, path in files.items()}
+    _run(config, FakeGrid(config, nodes))
+    out = tmp_path / "run"
+    data = json.loads((out / "data.json").read_text())
+    assert data["server_test_rows"] is None and data["evaluation"].startswith("none: the server holds no labelled data")
+    assert "holds values outside labels" in data["left_out"]["site 2"] and "'unknown' (40 rows)" in data["left_out"]["site 2"]
+    assert data["clients"] == {"0": {"train_rows": 80, "local_test_rows": 0}, "1": {"train_rows": 80, "local_test_rows": 0}}
+    assert all("test_accuracy" not in row for row in _rows(out)) and read_status(out).state == "completed"
+    for pid in (0, 1):  # each site's ledger and log are in its own folder, none in the server's
+        site = tmp_path / f"site-dir-{pid}"
+        assert [p["round"] for p in json.loads((site / "privacy-ledger.json").read_text())["participations"]] == [1, 2]
+        assert (site / "sent.jsonl").exists() and (site / "client.log").exists()
+    assert not (out / "privacy").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "predictions.json").exists()

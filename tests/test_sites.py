@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.client import app as client_app
 from fedlora.client.site import Site
@@ -21,12 +20,7 @@ from fedlora.core.version import VERSION
 from fedlora.privacy import PrivacyLedger
 from fedlora.strategies.flower import from_record, to_record
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture
