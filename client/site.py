@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError, RunConfig
-from fedlora.privacy.report import ledger_path
+from fedlora.privacy.report import SITE_LEDGER, ledger_path
 
 __all__ = ["NODE_KEYS", "Site"]
 
@@ -118,7 +118,7 @@ class Site:
     def ledger_file(self, cfg: RunConfig) -> Path:
         """The site's privacy ledger: one file for every job it joins."""
         if self.site_dir:
-            return Path(self.site_dir) / "privacy-ledger.json"
+            return Path(self.site_dir) / SITE_LEDGER
         if not cfg.output_dir:
             raise ConfigError("dp=true needs a place for the privacy ledger: set output-dir, or the node "
                               "config site-dir=<path on this site>")

@@ -92,8 +92,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     """The validated run config; ConfigError for what can be told from here to be wrong."""
-    from fedlora.core.status import check_fresh
-    from fedlora.simulations.runner import check_resumable, resolve_config
+    from fedlora.simulations.runner import check_output_dir, resolve_config
 
     overrides = _overrides(args)
     out = str(overrides.get("output-dir") or "")
@@ -107,13 +106,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
                               "(and, for dataset, at every site), not here")
     cfg = resolve_config(Path(args.app), overrides)
     if Path(cfg.output_dir).is_dir():  # the SuperLink's folder is visible here: check what we can
-        if cfg.resume:
-            check_resumable(cfg)
-        else:
-            try:
-                check_fresh(cfg.output_dir)
-            except FileExistsError as exc:
-                raise ConfigError(str(exc)) from None
+        check_output_dir(cfg)
     return cfg
 
 

@@ -2,7 +2,8 @@
 
 `plan` answers the two questions asked before a DP run: which noise multiplier σ meets a target ε,
 and which ε a given σ spends. `report` reads the ledgers a run's clients kept under
-`<output-dir>/privacy/<partition-id>.json` and summarises each client's spent budget.
+`<output-dir>/privacy/<partition-id>.json` (or a site's one ledger, `<site-dir>/privacy-ledger.json`)
+and summarises each client's spent budget.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any
 
 from .accounting import PrivacyError, PrivacyLedger, epsilon, noise_multiplier
 
-__all__ = ["LEDGER_DIR", "format_plan", "format_report", "ledger_path", "load_ledgers", "plan",
+__all__ = ["LEDGER_DIR", "SITE_LEDGER", "format_plan", "format_report", "ledger_path", "load_ledgers", "plan",
            "summarize"]
 
 LEDGER_DIR = "privacy"
+#: a real site's ledger in its `site-dir`, for every job it joins
+SITE_LEDGER = "privacy-ledger.json"
 
 
 def ledger_path(output_dir: str | os.PathLike[str], partition_id: int | str) -> Path:
@@ -61,6 +64,9 @@ def load_ledgers(output_dir: str | os.PathLike[str]) -> dict[str, PrivacyLedger]
     folder = Path(output_dir) / LEDGER_DIR
     if not Path(output_dir).is_dir():
         raise PrivacyError(f"output directory {output_dir} does not exist")
+    site_ledger = Path(output_dir) / SITE_LEDGER
+    if site_ledger.is_file():  # a site's folder: its one ledger, every job it joined
+        return {"site": PrivacyLedger.load(site_ledger)}
     if not folder.is_dir():
         raise PrivacyError(f"{output_dir} holds no privacy ledgers ({folder} is missing): was the run "
                            "trained with differential privacy?")
@@ -91,6 +97,7 @@ def summarize(ledgers: Mapping[str, PrivacyLedger]) -> list[dict[str, Any]]:
             "partition": partition,
             "participations": len(parts),
             "rounds": [p["round"] for p in parts],
+            "jobs": sorted({p["job"] for p in parts}),
             "sigmas": sorted({p["sigma"] for p in parts}),
             "sample_rates": sorted({p["sample_rate"] for p in parts}),
             "steps": sum(p["steps"] for p in parts),

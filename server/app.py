@@ -69,8 +69,9 @@ def discover_sites(grid: Grid, job: str, timeout: float, poll: float = 1.0) -> F
                         dst_node_id=n) for n in new]
         for reply in grid.send_and_receive(msgs, timeout=max(deadline - time.monotonic(), 1.0)) if msgs else []:
             node = reply.metadata.src_node_id
-            if reply.has_error():
+            if reply.has_error():  # e.g. a bad node config: said now, not after connect-timeout
                 fed.refused[f"node {node}"] = f"failed to answer: {reply.error.reason}"
+                log(WARNING, "fedlora: node %d failed to answer the first query: %s", node, reply.error.reason)
                 continue
             m = reply.content["metrics"]
             pid, num = int(m["partition-id"]), int(m["num-partitions"])
@@ -102,7 +103,8 @@ def discover_sites(grid: Grid, job: str, timeout: float, poll: float = 1.0) -> F
             break
         time.sleep(poll)
     for who, reason in sorted(fed.refused.items()):
-        log(WARNING, "fedlora: %s left out: %s", who, reason)
+        if who.startswith("site"):
+            log(WARNING, "fedlora: %s left out: %s", who, reason)
     return fed
 
 

@@ -13,7 +13,7 @@ anything started. 128 + N: stopped by signal N (Ctrl-C, `kill`); every process i
 
     fedlora privacy plan (--epsilon E | --sigma S) --delta D (--sample-rate Q | --num-examples N
                          --batch-size B) --steps T [--accountant prv|rdp] [--json]
-    fedlora privacy report OUTPUT_DIR [--json]
+    fedlora privacy report OUTPUT_DIR|SITE_DIR [--json]
 
 `plan` prints the noise multiplier that meets a target ε, or the ε a noise multiplier spends;
 `report` prints the budget each client of a DP run has spent, from its ledger. Both exit 2 on
@@ -180,7 +180,8 @@ def _add_privacy(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(handler=_privacy_plan)
     report = commands.add_parser("report", help="budget spent by each client of a DP run")
-    report.add_argument("output_dir", type=Path, help="the run's output-dir (ledgers in its privacy/)")
+    report.add_argument("output_dir", type=Path,
+                        help="the run's output-dir (ledgers in its privacy/), or a site's site-dir")
     report.add_argument("--json", action="store_true", help="print one JSON object")
     report.set_defaults(handler=_privacy_report)
 

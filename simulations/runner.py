@@ -39,8 +39,8 @@ from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.status import RunStatus, read_status, write_status
 
 __all__ = ["IDLE_MARGIN", "MAX_STATUS_FAILURES", "RunFailed", "app_defaults", "follow_run", "preflight",
-           "resolve_config", "check_resumable", "run_simulation", "submit_and_follow", "unwind_on_signals",
-           "write_run_config"]
+           "resolve_config", "check_output_dir", "check_resumable", "run_simulation", "submit_and_follow",
+           "unwind_on_signals", "write_run_config"]
 
 _CONNECTION = "fedlora-local"
 #: seconds without a log line, beyond `round-timeout`, after which a run counts as hung
@@ -90,9 +90,22 @@ def preflight(cfg: RunConfig, num_supernodes: int) -> None:
     folder (a new run never overwrites one; a resumed run needs a checkpoint that fits the
     config), client count, data (file, columns, labels, partitioning) and the model's presence."""
     from fedlora.core import data, model
-    from fedlora.core.status import check_fresh
 
     cfg.check_federation(num_supernodes)
+    check_output_dir(cfg)
+    data.server_test(cfg)
+    if not data.is_site_data(cfg):
+        data.partition(cfg, num_supernodes)
+    for pid in range(num_supernodes):
+        data.client_data(cfg, pid, num_supernodes)
+    model.check_model(cfg)
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """`ConfigError` unless `output-dir` may take the run: a new run never overwrites one, a resumed
+    run needs a checkpoint that fits the config."""
+    from fedlora.core.status import check_fresh
+
     if cfg.resume:
         check_resumable(cfg)
     else:
@@ -100,12 +113,6 @@ def preflight(cfg: RunConfig, num_supernodes: int) -> None:
             check_fresh(cfg.output_dir)
         except FileExistsError as exc:
             raise ConfigError(str(exc)) from None
-    data.server_test(cfg)
-    if not data.is_site_data(cfg):
-        data.partition(cfg, num_supernodes)
-    for pid in range(num_supernodes):
-        data.client_data(cfg, pid, num_supernodes)
-    model.check_model(cfg)
 
 
 def check_resumable(cfg: RunConfig) -> None:

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from fedlora.core.version import VERSION
-from fedlora.simulations.runner import _alive, _descendants, _free_port, _stop_tree
+from fedlora.simulations.runner import _alive, _children, _free_port, _stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -83,10 +83,13 @@ class Tracker:
             self.snapshot()
 
     def snapshot(self) -> None:
-        for proc in list(self.procs):
-            for pid in {proc.pid} | _descendants(proc.pid):
-                if (start := _start_time(pid)) is not None:
-                    self.seen.add((pid, start))
+        """Record every live tracked process and its descendants (one pass over /proc)."""
+        kids, todo = _children(), [proc.pid for proc in list(self.procs) if proc.poll() is None]
+        while todo:
+            pid = todo.pop()
+            if (start := _start_time(pid)) is not None:
+                self.seen.add((pid, start))
+            todo.extend(kids.get(pid, []))
 
     def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -120,20 +123,25 @@ class Tracker:
         return rc, self.output(proc)
 
     def stop(self, proc: subprocess.Popen) -> None:
-        """SIGTERM the process, its process group and all its descendants, SIGKILL what is left."""
-        self.snapshot()
+        """SIGTERM the process, its process group and all its descendants, SIGKILL what is left. (A
+        process that has ended has no tree to walk: its pid may be another's now; what it left
+        behind is in `seen`, for `close`.)"""
         if proc.poll() is None:
+            self.snapshot()
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        _stop_tree(proc, grace=15.0)
+            _stop_tree(proc, grace=15.0)
         proc.pump.join(timeout=10)
 
     def close(self) -> list[str]:
         """Stop everything; the processes of the tests still alive after that (should be none)."""
-        for proc in self.procs:
-            self.stop(proc)
+        stoppers = [threading.Thread(target=self.stop, args=(proc,)) for proc in self.procs]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
         self._stop.set()
         left = []
         for pid, start in sorted(self.seen):
@@ -141,6 +149,7 @@ class Tracker:
                 if _start_time(pid) == start and _alive(pid):
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     left.append(f"{pid} {cmdline}")
+                    os.kill(pid, signal.SIGKILL)  # reported as a failure, but not left running
             except OSError:
                 continue  # exited while we looked
         return left
@@ -201,8 +210,9 @@ class Federation:
 
     def submit(self, run: Path, settings: str, *, name: str = "submit", tiny: bool = True,
                background: bool = False):
-        """The doc's submit (or resume) block, with `-c "<the tiny job's settings> <settings>"` added."""
-        extra = f' -c "{self.tiny if tiny else ""} {settings}"'
+        """The doc's submit (or resume) block, with `-c "<the tiny job's settings>" -c "<settings>"` added
+        (a later -c wins)."""
+        extra = "".join(f' -c "{c}"' for c in (self.tiny if tiny else "", settings) if c)
         return self.block(name, {"RUN": str(run)}, edit=lambda code: code.rstrip() + extra, background=background)
 
     def status(self, run_id: str) -> str:
@@ -329,9 +339,27 @@ def test_install_from_wheels(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == f"fedlora {VERSION}"
 
 
+@pytest.mark.parametrize("args, error", [
+    (["--insecure", "-c", "dp=false"], "output-dir='': set it to an absolute path on the SuperLink's machine"),
+    (["--insecure", "-c", "output-dir='runs/x'"], "output-dir='runs/x'"),
+    (["--insecure", "-c", "output-dir='/srv/x' server-test-data='data/test.csv'"],
+     "server-test-data='data/test.csv' must be an absolute path"),
+    (["--root-certificates", "/nonexistent/ca.crt", "-c", "output-dir='/srv/x'"], "--root-certificates: cannot read"),
+    (["--insecure", "--resume", "runs/x"], "--resume 'runs/x' must be an absolute path"),
+    (["--insecure", "-c", "output-dir='/srv/x' strategy='nope'"], "strategy='nope' is not allowed"),
+], ids=["no-output-dir", "relative-output-dir", "relative-path", "no-ca", "relative-resume", "bad-key"])
+def test_bad_input_exits_2_before_submitting(args, error, capsys):
+    from fedlora.simulations.cli import main
+
+    assert main(["submit", str(REPO), "--superlink", "localhost:9", *args]) == 2
+    assert error in capsys.readouterr().err
+    assert main(["submit", str(REPO), "--superlink", "localhost", "--insecure", "-c", "output-dir='/srv/x'"]) == 2
+    assert "--superlink 'localhost' must be HOST:PORT" in capsys.readouterr().err
+
+
 def test_refused_supernodes(fed):
     """An unregistered (here: unregistered again) key, a SuperNode without the CA, and an insecure
-    one never come online."""
+    one (with a key: it refuses to start; without: it is never admitted) never come online."""
     rogue = fed.tmp / "rogue"
     rogue.mkdir()
     shutil.copy(fed.env["CA"], rogue / "ca.crt")
@@ -346,6 +374,8 @@ def test_refused_supernodes(fed):
     cases = {
         "unregistered key": (None, "Failed to activate SuperNode"),
         "no CA": (lambda code: code.replace('--root-certificates "$SITE/ca.crt"', ""), "CERTIFICATE_VERIFY_FAILED"),
+        "insecure with a key": (lambda code: code.replace('--root-certificates "$SITE/ca.crt"', "--insecure"),
+                                "Node authentication can only be used when TLS is enabled"),
         "insecure": (lambda code: re.sub(r'--root-certificates "\$SITE/ca.crt" \\\n\s*--auth-supernode-private-key '
                                          r'"\$SITE/keys/\$SITE_NAME"', "--insecure", code), None),
     }

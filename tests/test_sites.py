@@ -146,3 +146,15 @@ def test_fedsa_finds_its_own_b_in_the_site_folder_after_the_node_state_is_lost(r
     client_app.evaluate_local(_message(config, MessageType.EVALUATE, 2), resumed)
     kept = from_record(resumed.state[client_app._KEPT])
     assert all(torch.equal(kept[k], own[k]) for k in own)  # not the resent initial B (zeros)
+
+
+def test_privacy_report_on_a_site_dir_shows_its_one_ledger_over_all_jobs(run_config, site_file, tmp_path, capsys):
+    from fedlora.simulations.cli import main as cli
+
+    config = {**run_config, "dp": True, "accountant": "rdp"}
+    node = _node(site_file, tmp_path)
+    for job in ("a", "b"):
+        client_app.train(_message(config, MessageType.TRAIN, 1, job=job), _context(config, **node))
+    assert cli(["privacy", "report", str(tmp_path / "site"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["clients"]
+    assert row["partition"] == "site" and row["jobs"] == ["a", "b"] and row["participations"] == 2
