@@ -105,6 +105,8 @@ def discover_sites(grid: Grid, job: str, timeout: float, poll: float = 1.0) -> F
     for who, reason in sorted(fed.refused.items()):
         if who.startswith("site"):
             log(WARNING, "fedlora: %s left out: %s", who, reason)
+    if not fed.nodes:
+        raise RuntimeError("no usable site: " + "; ".join(f"{who} left out: {why}" for who, why in sorted(fed.refused.items())))
     return fed
 
 

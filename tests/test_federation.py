@@ -260,3 +260,9 @@ def test_sites_with_their_own_files_and_a_server_without_labelled_data(run_confi
         assert (site / "sent.jsonl").exists() and (site / "client.log").exists()
     assert not (out / "privacy").exists()
     assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "predictions.json").exists()
+
+
+def test_a_job_every_site_refuses_fails_naming_each_reason(run_config):
+    nodes = _nodes(2, **{"require-dp": True})  # this job is dp=false
+    with pytest.raises(RuntimeError, match="no usable site: site 0 left out: .*require-dp.*; site 1 left out"):
+        _run(run_config, FakeGrid(run_config, nodes))
