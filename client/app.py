@@ -1,10 +1,12 @@
 """The fedlora ClientApp: trains the LoRA factors its strategy asks for on the site's data.
 
-One process (a simulation worker or a deployment SuperNode's app process) loads the base model
-once per LoRA rank and reuses it for every round and every virtual client: each message sets all
-exchanged tensors (LoRA A, B and a trainable head) and the base weights (W0 plus the change the
-message carries, if any; W0 itself is kept pristine), so nothing leaks from one client or round
-to the next. What a client keeps between rounds lives in its node's `context.state`: the arrays
+A simulation worker loads the base model once per LoRA rank and reuses it for every round and
+every virtual client; a deployment's SuperNode starts a fresh app process for every message, which
+pays the imports and the model load each time (the cold start: BENCHMARKS.md), so nothing that a
+message does not need is loaded for it (a query or a refused evaluation never builds the model).
+Each message sets all exchanged tensors (LoRA A, B and a trainable head) and the base weights (W0
+plus the change the message carries, if any; W0 itself is kept pristine), so nothing leaks from
+one client or round to the next. What a client keeps between rounds lives in its node's `context.state`: the arrays
 a method sends only once (FFA-LoRA's fixed A) and the factors it never sends (FedSA's own B, also
 saved in the site's folder, so that a resumed job finds it).
 
@@ -277,22 +279,26 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     training), and export this client's adapter: to `<site-dir>/adapters/<job>/` at a real site,
     else to the folder the server names (the simulation's `<output-dir>/adapters/<partition-id>/`).
     """
+    cfg, site = RunConfig.from_run_config(context.run_config), _site(context)
+    allowed = site.may_evaluate(cfg)
+    final_personal = get_method(cfg.strategy).personalized and bool(msg.content["config"].get("final", False))
+    refusal = _refuse(msg, f"site {site.partition_id} keeps its local metrics (allow-evaluation is off)")
+    if not allowed and not final_personal:  # said before the model loads: a deployment pays seconds for it
+        return _log_sent(cfg, site, msg, context, refusal)
     cfg, site, bundle, data = _setup(msg, context)
-    if not site.may_evaluate(cfg):
-        return _log_sent(cfg, site, msg, context, _refuse(
-            msg, f"site {site.partition_id} keeps its local metrics (allow-evaluation is off)"))
-    result = evaluate(bundle, data.test, cfg)
-    metrics = {"num-examples": len(data.test), "accuracy": result["accuracy"], "loss": result["loss"]}
-    if get_method(cfg.strategy).personalized and bool(msg.content["config"].get("final", False)):
-        # The global test data is the simulation's (a shared dataset's split, or a file every virtual
-        # site can read); a real site has no copy of the server's file and skips this.
-        test = None if site.site_dir else server_test(cfg)
-        if test is not None:
-            on_global = evaluate(bundle, test, cfg)
-            metrics.update({"global-accuracy": on_global["accuracy"], "global-loss": on_global["loss"]})
+    if final_personal:  # the site's own adapter is written even where its metrics stay
         export_dir = str(msg.content["config"].get("export-dir", ""))
         if site.site_dir:
             save_adapter(bundle, Path(site.site_dir) / "adapters" / (_job(msg) or "job"), cfg.to_run_config())
         elif export_dir:
             save_adapter(bundle, Path(export_dir) / str(site.partition_id), cfg.to_run_config())
+    if not allowed:
+        return _log_sent(cfg, site, msg, context, refusal)
+    result = evaluate(bundle, data.test, cfg)
+    metrics = {"num-examples": len(data.test), "accuracy": result["accuracy"], "loss": result["loss"]}
+    # The global test data is the simulation's (a shared dataset's split, or a file every virtual
+    # site can read); a real site has no copy of the server's file and skips this.
+    if final_personal and not site.site_dir and (test := server_test(cfg)) is not None:
+        on_global = evaluate(bundle, test, cfg)
+        metrics.update({"global-accuracy": on_global["accuracy"], "global-loss": on_global["loss"]})
     return _log_sent(cfg, site, msg, context, Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))

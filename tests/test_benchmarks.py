@@ -6,6 +6,7 @@ their results files describe the machine they ran on."""
 from __future__ import annotations
 
 import os
+import time
 import sys
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import aggregation  # noqa: E402  (benchmarks/ is not a package)
 import compare  # noqa: E402
+import deployment  # noqa: E402
 import lorafair  # noqa: E402
 
 SMALL = 64
@@ -171,3 +173,47 @@ def test_the_default_job_script_runs_fedlora_and_keeps_its_raw_results(tiny_over
     result = json.loads((tmp_path / "results" / "default-job-non-private.json").read_text())
     assert result["status"]["state"] == "completed" and result["run_config"]["dp"] is False
     assert [r["round"] for r in result["rounds"]] == [0, 1, 2] and result["machine"]["cpu_count"]
+
+
+def test_the_deployment_benchmarks_proxy_counts_every_byte_each_way():
+    """Its byte counts are what crossed: an echo server behind the proxy, a known exchange."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data[: len(data) // 2])
+
+    threading.Thread(target=echo, daemon=True).start()
+    proxy = deployment.CountingProxy(server.getsockname()[1])
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(b"x" * 100_000)
+        got = 0
+        while got < 50_000:
+            got += len(client.recv(65536))
+    deadline = time.monotonic() + 5
+    while proxy.counts() != (100_000, 50_000) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.counts() == (100_000, 50_000)
+    server.close()
+
+
+def test_the_deployment_benchmark_summary_pairs_rounds_and_traffic():
+    rows = [{"round": 0, "seconds": 1.0}] + [
+        {"round": r, "seconds": s, "num_clients": 2, "bytes_up": 200, "bytes_down": 400} for r, s in ((1, 30.0), (2, 20.0), (3, 40.0))]
+    sim = [{"round": 0, "seconds": 1.0}, {"round": 1, "seconds": 15.0}, {"round": 2, "seconds": 10.0},
+           {"round": 3, "seconds": 10.0}]
+    marks = [{"round": r, "counts": [(1000 * r, 2000 * r), (1500 * r, 2500 * r)]} for r in range(4)]
+    dep = {"rows": rows, "marks": marks, "wall_s": 1.0,
+           "messages": [[{"kind": "train", "seconds": 3.0}], [{"kind": "train", "seconds": 5.0}]]}
+    out = deployment.summarize(dep, {"rows": sim, "wall_s": 1.0})
+    assert out["round_1"]["ratio"] == 2.0
+    assert out["later_rounds"]["ratio"] == 3.0  # (20 + 40) / (10 + 10)
+    assert out["clientapp_message_seconds"]["train"]["median"] == 4.0
+    site1_round2 = [t for t in out["traffic_per_site_round"] if t["round"] == 2 and t["site"] == 1][0]
+    assert (site1_round2["up_bytes"], site1_round2["down_bytes"], site1_round2["payload_up_bytes"]) == (1500, 2500, 100)
+    assert out["wire_over_payload"] == (3 * (1000 + 2000 + 1500 + 2500)) / (6 * 300)

@@ -5,6 +5,7 @@ and checkpoint + exact resume after a crash at any point of a round."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -44,11 +45,13 @@ class FakeGrid:
         self.tamper = tamper or (lambda msg, reply: reply)
         self.crash_at = crash_at
         self.requests: dict[str, int] = {}
+        self.outbox: dict[str, Message] = {}  # message id -> its reply
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Runs the clients at once; their replies wait for `pull_messages`."""
         messages = list(messages)
         if not messages:
             return []
@@ -57,16 +60,19 @@ class FakeGrid:
         when = self.crash_at and self.crash_at[:2] == (kind, self.requests[kind]) and self.crash_at[2]
         if when == "before":
             raise Crash(f"{kind} #{self.requests[kind]}")
-        replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grids do
             try:
                 reply = HANDLERS[kind](msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # as Flower does: the client's exception becomes an error reply
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            replies.append(self.tamper(msg, reply))
+            self.outbox[msg.metadata.message_id] = self.tamper(msg, reply)
         if when == "after":
             raise Crash(f"{kind} #{self.requests[kind]}")
-        return replies
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
 
 @pytest.fixture
@@ -90,6 +96,34 @@ def _rows(out) -> list[dict]:
 
 def _adapter(out) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+class SlowGrid:
+    """Replies arrive over several pulls, the last message's first; one message is never answered."""
+
+    def __init__(self) -> None:
+        self.pulls, self.sent = 0, []
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        for i, msg in enumerate(self.sent):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+        return [m.metadata.message_id for m in self.sent]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        due = {1: ["m2"], 3: ["m0"]}.get(self.pulls, [])  # m1 never answers
+        return [Message(RecordDict(), reply_to=m) for m in self.sent if m.metadata.message_id in due and
+                m.metadata.message_id in ids]
+
+
+def test_exchange_polls_until_every_reply_or_the_timeout_and_keeps_the_sent_order(task_identity, monkeypatch):
+    monkeypatch.setattr(server_app, "REPLY_POLL_S", 0.01)
+    grid = SlowGrid()
+    msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in (5, 6, 7)]
+    replies = server_app.exchange(grid, msgs, timeout=0.3)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0", "m2"]
+    assert grid.pulls > 3  # went on pulling for m1 until the timeout
 
 
 def test_sites_of_another_version_or_that_refuse_are_left_out_and_named(run_config, tmp_path, monkeypatch):
