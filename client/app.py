@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER, log
@@ -44,10 +45,10 @@ from safetensors.torch import load_file, save_file
 from fedlora.core.config import RunConfig
 from fedlora.core.data import ClientData, client_data, label_names, server_test
 from fedlora.core.model import ModelBundle, build_model, load_state, pick_device, save_adapter
-from fedlora.core.train import evaluate, train_local
+from fedlora.core.train import evaluate, precision_context, train_local
 from fedlora.core.version import VERSION
 from fedlora.privacy import DPSettings, PrivacyError, PrivacyLedger, epsilon, noise_for, noise_multiplier, sample_rate
-from fedlora.strategies import get_method
+from fedlora.strategies import LoraMethod, get_method
 from fedlora.strategies.base import is_delta_key
 from fedlora.strategies.flower import from_record, payload_bytes, to_record
 
@@ -57,7 +58,7 @@ __all__ = ["app"]
 
 app = ClientApp()
 
-_KEPT = "fedlora.kept"  # context.state key: the client's copy of the adapter between rounds
+_KEPT = "fedlora.kept"  # context.state key: what the server does not resend (FFA's A, FedSA's own B)
 _LEDGER = "fedlora.ledger"  # context.state key: a copy of the site's ledger (JSON), should its file be lost
 
 
@@ -122,16 +123,25 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Site, ModelBundle
         kept = from_record(context.state[_KEPT])
     else:
         kept = load_file(kept_file) if kept_file and kept_file.exists() else {}
-    once = get_method(cfg.strategy).sent_once
+    method = get_method(cfg.strategy)
+    once = method.sent_once
     kept.update({k: v for k, v in received.items()
                  if not is_delta_key(k) and not (once and k.endswith(once) and k in kept)})
     missing = sorted(set(bundle.params) - set(kept))
     if missing:
         raise RuntimeError(f"client {site.partition_id} has no value for {missing[:3]}... (the server sends "
                            "them on first contact; was this node's state lost?)")
-    context.state[_KEPT] = to_record(kept)
+    context.state[_KEPT] = to_record(_must_keep(method, kept))
     load_state(bundle, {**kept, **{k: v for k, v in received.items() if is_delta_key(k)}})
     return cfg, site, bundle, _data(cfg, site)
+
+
+def _must_keep(method: LoraMethod, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a client keeps between rounds: only the factors the server does not send every time
+    (`sent_once`: FFA's A, FedSA's own B). Everything else comes with each message, so a node's
+    state stays that size, not a full adapter per client that ever trained (a simulation holds
+    every virtual client's state in memory)."""
+    return {k: v for k, v in arrays.items() if method.sent_once and k.endswith(method.sent_once)}
 
 
 def _log_sent(cfg: RunConfig, site: Site, msg: Message, context: Context, reply: Message) -> Message:
@@ -168,6 +178,7 @@ def query(msg: Message, context: Context) -> Message:
     reason = site.refusal(cfg)
     if reason is None:
         try:
+            precision_context(cfg, pick_device())  # bf16 at a site without CUDA: refused now, not mid-run
             data = _data(cfg, site)
             metrics["num-examples"], metrics["num-test-examples"] = len(data.train), len(data.test)
         except ValueError as exc:  # ConfigError / DataError: names the file, column and values
@@ -196,8 +207,7 @@ def train(msg: Message, context: Context) -> Message:
         losses = train_local(bundle, data.train, cfg, method.trainable_keys(bundle.params),
                              seed=(cfg.seed, server_round, site.partition_id), dp=dp)
         trained = {k: bundle.params[k].detach().cpu().clone() for k in method.trainable_keys(bundle.params)}
-        kept = from_record(context.state[_KEPT])
-        kept.update(trained)  # FedSA's B must survive to the next round; the rest is resent anyway
+        kept = _must_keep(method, {**from_record(context.state[_KEPT]), **trained})  # FedSA's B: its own now
         context.state[_KEPT] = to_record(kept)
         if method.personalized and (kept_file := _kept_file(cfg, site, job)):
             kept_file.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ HEAD_POLICIES = ("trainable", "frozen")
 EVALUATE_ON = ("server", "clients", "both")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+PRECISIONS = ("fp32", "bf16")
 #: the run-config value that means "this strategy's default" (learning-rate, evaluate-on)
 AUTO = "auto"
 
@@ -57,6 +58,7 @@ class RunConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.05
     head: str = "trainable"
+    precision: str = "fp32"  # "bf16": bfloat16 autocast on CUDA, without DP
     # data
     dataset: str = "tweets"  # "" when every site brings its own file (node config data=<path>)
     labels: str = ""  # the run's label set, e.g. "negative,neutral,positive"; "" = the dataset's values
@@ -202,6 +204,7 @@ class RunConfig:
         choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
         choice("accountant", self.accountant, ACCOUNTANTS)
         choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        choice("precision", self.precision, PRECISIONS)
         for key in ("num-server-rounds", "clients-per-round", "max-length", "lora-rank",
                     "test-size", "local-steps", "batch-size", "eval-batch-size",
                     "classes-per-client", "fair-steps", "dp-max-participations", "target-epsilon",
@@ -217,6 +220,9 @@ class RunConfig:
         positive("seed", self.seed, zero_ok=True)
         if not 0.0 < self.target_delta < 1.0:
             raise ConfigError(f"target-delta={self.target_delta!r} must be in (0, 1)")
+        if self.dp and self.precision != "fp32":
+            raise ConfigError(f"precision={self.precision!r} needs dp=false: DP-SGD trains in float32 (its "
+                              "per-sample gradients are clipped and noised as computed; no autocast under DP)")
         if self.dp and self.max_grad_norm == 0:
             raise ConfigError("dp=true needs max-grad-norm > 0: it is DP-SGD's per-sample clipping bound C")
         if self.dp and self.evaluate_on != "server":

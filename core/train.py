@@ -4,26 +4,39 @@ the ServerApp (evaluation of the global model on the held-out test split)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import TextData
 from .model import ModelBundle
 
 if TYPE_CHECKING:
     from fedlora.privacy.dpsgd import DPSettings
 
-__all__ = ["evaluate", "train_local"]
+__all__ = ["evaluate", "precision_context", "train_local"]
 
 
 def _encode(bundle: ModelBundle, texts: Sequence[str], max_length: int, device: torch.device) -> dict:
     enc = bundle.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True,
                            return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
+
+
+def precision_context(cfg: RunConfig, device: torch.device):
+    """The forward pass's numeric precision: float32, or bfloat16 autocast on CUDA (`precision`).
+    A process without CUDA cannot honour bf16 (e.g. a site without a GPU): that is an error, not
+    a silent fallback, so that runs compared as bf16 are bf16."""
+    if cfg.precision == "fp32":
+        return nullcontext()
+    if device.type != "cuda":
+        raise ConfigError(f"precision={cfg.precision!r} needs a CUDA GPU, and this process runs on {device.type} "
+                          "(with `fedlora run`, give clients a GPU share: --client-gpus)")
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -58,9 +71,13 @@ def train_local(bundle: ModelBundle, data: TextData, cfg: RunConfig, trainable: 
     torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))  # dropout
     labels = torch.as_tensor(data.labels, device=device)
 
+    precision = precision_context(cfg, device)
+
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         enc = _encode(bundle, [data.texts[i] for i in idx], cfg.max_length, device)
-        return bundle.model(**enc).logits, labels[idx]
+        with precision:
+            logits = bundle.model(**enc).logits
+        return logits.float(), labels[idx]
 
     bundle.model.train()
     try:
@@ -98,10 +115,12 @@ def evaluate(bundle: ModelBundle, data: TextData, cfg: RunConfig) -> dict[str, f
     preds = np.empty(len(data), dtype=np.int64)
     total_loss = 0.0
     labels = torch.as_tensor(data.labels, device=device)
+    precision = precision_context(cfg, device)
     for start in range(0, len(data), cfg.eval_batch_size):
         idx = order[start : start + cfg.eval_batch_size]
         enc = _encode(bundle, [data.texts[i] for i in idx], cfg.max_length, device)
-        logits = bundle.model(**enc).logits.float()
+        with precision:
+            logits = bundle.model(**enc).logits.float()
         total_loss += float(F.cross_entropy(logits, labels[idx], reduction="sum"))
         preds[idx] = logits.argmax(-1).cpu().numpy()
     n = max(len(data), 1)

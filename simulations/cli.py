@@ -1,6 +1,6 @@
 """`fedlora` console script.
 
-    fedlora run [APP_DIR] [--run-config "key=value ..."] [--num-supernodes N] [--client-cpus C]
+    fedlora run [APP_DIR] [--run-config "key=value ..."] [--num-supernodes N] [--client-cpus C] [--client-gpus F]
     fedlora run [APP_DIR] --resume OUTPUT_DIR [--run-config "num-server-rounds=..."]
 
 validates the run config, runs the simulation on a private SuperLink (see `runner`) and waits for
@@ -84,14 +84,15 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import RunFailed, preflight, resolve_config, run_simulation, unwind_on_signals
+    from .runner import RunFailed, client_gpu_share, preflight, resolve_config, run_simulation, unwind_on_signals
 
     try:
         if args.client_cpus < 1:
             raise ConfigError(f"--client-cpus={args.client_cpus} must be >= 1")
+        client_gpus = client_gpu_share(args.client_gpus, args.client_cpus)
         num_supernodes = _federation(args)
         cfg = resolve_config(Path(args.app), _overrides(args))
-        preflight(cfg, num_supernodes)
+        preflight(cfg, num_supernodes, client_gpus)
     except ConfigError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
@@ -105,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     (logs / _FEDERATION).write_text(json.dumps({"num-supernodes": num_supernodes}) + "\n")
     try:
         status = run_simulation(Path(args.app), cfg, num_supernodes, client_cpus=args.client_cpus,
-                                quiet=args.quiet)
+                                client_gpus=client_gpus, quiet=args.quiet)
     except RunFailed as exc:
         print(f"fedlora: run failed: {exc}", file=sys.stderr)
         return 1
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--client-cpus", type=int, default=1,
                      help="CPU cores per simulated client; clients run in parallel on the cores "
                           "left (default: 1)")
+    run.add_argument("--client-gpus", type=float, default=None, metavar="FRACTION",
+                     help="the share of a GPU each simulated client reserves; 0 keeps clients on the CPU "
+                          "(default: 0 without a GPU, else an equal share for each client running at once)")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the run's log")
     run.set_defaults(handler=_run)
     _add_privacy(sub)

@@ -38,9 +38,9 @@ from typing import IO, Any
 from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.status import RunStatus, read_status, write_status
 
-__all__ = ["IDLE_MARGIN", "MAX_STATUS_FAILURES", "RunFailed", "app_defaults", "follow_run", "preflight",
-           "resolve_config", "check_output_dir", "check_resumable", "run_simulation", "submit_and_follow",
-           "unwind_on_signals", "write_run_config"]
+__all__ = ["IDLE_MARGIN", "MAX_STATUS_FAILURES", "RunFailed", "app_defaults", "check_output_dir", "check_resumable",
+           "client_gpu_share", "federation_config", "follow_run", "preflight", "resolve_config", "run_simulation",
+           "submit_and_follow", "unwind_on_signals", "write_run_config"]
 
 _CONNECTION = "fedlora-local"
 #: seconds without a log line, beyond `round-timeout`, after which a run counts as hung
@@ -85,13 +85,17 @@ def resolve_config(app_dir: Path, overrides: dict[str, Any], *, cwd: Path | None
     return RunConfig.from_run_config(merged)
 
 
-def preflight(cfg: RunConfig, num_supernodes: int) -> None:
+def preflight(cfg: RunConfig, num_supernodes: int, client_gpus: float = 0.0) -> None:
     """Everything that can fail before training, checked before any process starts: the output
     folder (a new run never overwrites one; a resumed run needs a checkpoint that fits the
-    config), client count, data (file, columns, labels, partitioning) and the model's presence."""
+    config), client count, data (file, columns, labels, partitioning), the model's presence, and
+    a GPU for `precision = "bf16"` (on this machine, for the server, and a share for every client)."""
     from fedlora.core import data, model
 
     cfg.check_federation(num_supernodes)
+    if cfg.precision != "fp32" and not (_cuda() and client_gpus > 0):
+        raise ConfigError(f"precision={cfg.precision!r} needs a CUDA GPU for the server and a GPU share for the "
+                          f"clients; " + ("--client-gpus is 0" if _cuda() else "this machine has none"))
     check_output_dir(cfg)
     data.server_test(cfg)
     if not data.is_site_data(cfg):
@@ -99,6 +103,30 @@ def preflight(cfg: RunConfig, num_supernodes: int) -> None:
     for pid in range(num_supernodes):
         data.client_data(cfg, pid, num_supernodes)
     model.check_model(cfg)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def client_gpu_share(requested: float | None, client_cpus: int) -> float:
+    """The fraction of a GPU Ray reserves for each virtual client (`client-resources-num-gpus`).
+
+    Default: none without CUDA; with it, an equal share for each client that can run at once on
+    this machine's cores (`client_cpus` each), so they all fit on the GPU together. Ray shows a
+    client with share 0 no GPU (it trains on the CPU) and gives one with a share its GPU; the
+    ServerApp is not a Ray actor and uses the GPU when there is one.
+    """
+    if requested is None:
+        return 1.0 / max(1, (os.cpu_count() or 1) // client_cpus) if _cuda() else 0.0
+    if not 0.0 <= requested <= 1.0:
+        raise ConfigError(f"--client-gpus={requested:g} must be in [0, 1]: the fraction of one GPU each client "
+                          "gets (a client trains on one device)")
+    if requested > 0 and not _cuda():
+        raise ConfigError(f"--client-gpus={requested:g} but this machine has no CUDA GPU (use 0, the default here)")
+    return float(requested)
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -170,7 +198,6 @@ def private_superlink(log_path: Path) -> Iterator[tuple[dict[str, str], subproce
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "TOKENIZERS_PARALLELISM": "false",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
            # the SuperLink starts `flower-superexec` from PATH: the one next to this Python
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
@@ -296,7 +323,7 @@ def _flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subpr
 
 
 def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client_cpus: int = 1,
-                   quiet: bool = False) -> RunStatus:
+                   client_gpus: float = 0.0, quiet: bool = False) -> RunStatus:
     """Run the app to its end; returns how it ended (`completed` or `budget-exhausted`).
 
     Raises `RunFailed` when the run failed or hung; that and an interruption (SIGINT, or a signal
@@ -308,7 +335,8 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client
     logs.mkdir(parents=True, exist_ok=True)
     write_run_config(logs / "run_config.toml", cfg)
     try:
-        run_id, flower_status = _submit_and_follow(app_dir, cfg, num_supernodes, client_cpus, quiet, logs)
+        run_id, flower_status = _submit_and_follow(app_dir, cfg, federation_config(num_supernodes, client_cpus,
+                                                                                   client_gpus), quiet, logs)
     except BaseException as exc:
         reason = _failure_reason(exc)
         _record_failure(out_dir, reason)
@@ -326,7 +354,13 @@ def write_run_config(path: Path, cfg: RunConfig) -> None:
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_run_config().items()))
 
 
-def _submit_and_follow(app_dir: Path, cfg: RunConfig, num_supernodes: int, client_cpus: int, quiet: bool,
+def federation_config(num_supernodes: int, client_cpus: int, client_gpus: float) -> str:
+    """The simulation's settings for `flwr run --federation-config`: clients and each one's resources."""
+    return (f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
+            f"client-resources-num-gpus={client_gpus:g}")
+
+
+def _submit_and_follow(app_dir: Path, cfg: RunConfig, federation: str, quiet: bool,
                        logs: Path) -> tuple[str, str]:
     """Submit the run to a private SuperLink and follow its log: (run id, Flower's final status)."""
     def submitted(run_id: str) -> None:
@@ -338,8 +372,7 @@ def _submit_and_follow(app_dir: Path, cfg: RunConfig, num_supernodes: int, clien
         return submit_and_follow(
             app_dir, _CONNECTION, env, logs / "run_config.toml", superlink=superlink,
             idle_limit=cfg.round_timeout + IDLE_MARGIN, quiet=quiet, log_file=log_file, on_submit=submitted,
-            extra_args=["--federation-config",
-                        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"])
+            extra_args=["--federation-config", federation])
 
 
 def submit_and_follow(app_dir: Path, connection: str, env: dict[str, str], run_config: Path, *,

@@ -23,7 +23,7 @@ from typing import Any
 
 from fedlora.core.status import read_status
 
-from .runner import preflight, resolve_config, run_simulation, unwind_on_signals
+from .runner import client_gpu_share, preflight, resolve_config, run_simulation, unwind_on_signals
 
 __all__ = ["SweepRun", "run_sweep", "summarize"]
 
@@ -66,10 +66,12 @@ def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supern
             continue
         if out.exists():  # interrupted or failed: runs restart from round 0 (minutes, not hours)
             shutil.rmtree(out)
-        preflight(cfg, num_supernodes)
+        client_gpus = client_gpu_share(None, client_cpus)
+        preflight(cfg, num_supernodes, client_gpus)
         print(f"[{i}/{len(runs)}] {run.name}: running ({cfg.num_server_rounds} rounds)", flush=True)
         t0 = time.monotonic()
-        status = run_simulation(app_dir, cfg, num_supernodes, client_cpus=client_cpus, quiet=True)
+        status = run_simulation(app_dir, cfg, num_supernodes, client_cpus=client_cpus, client_gpus=client_gpus,
+                                quiet=True)
         rows = _rows(out)
         print(f"[{i}/{len(runs)}] {run.name}: {status.state} after round {status.last_round} in "
               f"{time.monotonic() - t0:.0f} s, final test accuracy "

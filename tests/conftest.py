@@ -12,8 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from synthetic import tiny_model, write_csv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,43 +29,18 @@ os.environ["FEDLORA_TEST_SESSION"] = str(os.getpid())
 os.environ["FEDLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedlora-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = {"neg": "bad awful terrible sad poor", "neu": "table chair window door floor",
-         "pos": "good great happy love nice"}
-FILLER = "the a of and it is was".split()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer BERT (hidden 32) saved with a word-level vocabulary."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *" ".join(WORDS.values()).split()]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"))  # transformers 5 ignores vocab_file=
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_model(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory) -> Path:
     """600 short texts, 3 classes, each text mixing its class words with filler."""
-    import pandas as pd
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(600):
-        label = str(rng.choice(list(WORDS)))
-        words = WORDS[label].split() * 2 + FILLER
-        rows.append((" ".join(rng.choice(words, 8)), label))
-    path = tmp_path_factory.mktemp("data") / "tiny.csv"
-    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
-    return path
+    return write_csv(tmp_path_factory.mktemp("data") / "tiny.csv", 600)
 
 
 @pytest.fixture

@@ -126,8 +126,8 @@ def test_a_client_past_its_budget_refuses_without_training(run_config, tmp_path)
     assert "one more round would spend" in str(reply.content["refusal"]["reason"])
     assert float(metrics["epsilon"]) == before["participations"][-1]["epsilon"]
     assert PrivacyLedger.load(ledger_path(tmp_path, 0)).state_dict() == before  # nothing recorded
-    sent, after = _init(config), from_record(context.state[client_app._KEPT])
-    assert all(torch.equal(after[k], sent[k]) for k in sent)  # holds what it got: nothing trained
+    sent, bundle = _init(config), client_app._bundle(RunConfig.from_run_config(config))
+    assert all(torch.equal(bundle.params[k], sent[k]) for k in sent if k in bundle.params)  # nothing trained
 
 
 def test_a_sent_once_factor_the_client_holds_is_never_overwritten(run_config):
@@ -141,6 +141,20 @@ def test_a_sent_once_factor_the_client_holds_is_never_overwritten(run_config):
     _train(config, context, 2, other)
     kept = from_record(context.state[client_app._KEPT])
     assert all(torch.equal(kept[k], init[k]) for k in init if k.endswith("lora_A"))
+
+
+@pytest.mark.parametrize("strategy, kept_suffix", [("fedsvd", None), ("fedit", None), ("ffa", "lora_A"),
+                                                    ("fedsa", "lora_B")])
+def test_a_nodes_state_holds_only_what_the_server_does_not_resend(run_config, strategy, kept_suffix):
+    """With 1000 virtual clients every node's state stays in memory: it must hold the sent-once
+    factor (FFA's A, FedSA's own B) and nothing else, not an adapter per client."""
+    config = {**run_config, "dp": False, "strategy": strategy, "evaluate-on": "clients" if strategy == "fedsa" else "server"}
+    context = _context(config)
+    init = _init(config)
+    _train(config, context, 1, init)
+    kept = from_record(context.state[client_app._KEPT])
+    expected = sorted(k for k in init if kept_suffix and k.endswith(kept_suffix))
+    assert sorted(kept) == expected
 
 
 def test_fedsa_keeps_its_own_b_when_the_initial_b_is_resent(run_config):

@@ -188,3 +188,23 @@ def test_dp_max_participations_defaults_to_the_number_of_rounds():
     cfg = RunConfig.from_run_config({"num-server-rounds": 7, "dp-max-participations": AUTO})
     assert cfg.dp_max_participations == 7
     assert RunConfig.from_run_config({"dp-max-participations": 3}).dp_max_participations == 3
+
+
+def test_bf16_needs_dp_false_a_gpu_where_it_runs_and_autocasts_there(tiny_overrides, tmp_path):
+    import torch
+
+    from fedlora.core.train import precision_context
+
+    with pytest.raises(ConfigError, match="precision='bf16' needs dp=false"):
+        _cfg(tiny_overrides, precision="bf16", dp=True)
+    with pytest.raises(ConfigError, match="precision='fp16' is not allowed"):
+        _cfg(tiny_overrides, precision="fp16")
+    cfg = _cfg(tiny_overrides, precision="bf16", dp=False, **{"output-dir": str(tmp_path / "run")})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA GPU for the server and a GPU share"):
+            preflight(cfg, 3, 0.0)
+        with pytest.raises(ConfigError, match="needs a CUDA GPU, and this process runs on cpu"):
+            precision_context(cfg, torch.device("cpu"))
+    autocast = precision_context(cfg, torch.device("cuda"))  # configured, not entered: no GPU needed
+    assert isinstance(autocast, torch.autocast) and autocast.device == "cuda" and autocast.fast_dtype == torch.bfloat16
+    assert not isinstance(precision_context(cfg.replace(precision="fp32"), torch.device("cpu")), torch.autocast)

@@ -198,6 +198,25 @@ def test_flexlora_with_mixed_ranks(tiny_overrides, tmp_path):
     assert _adapter_predictions(out, cfg.replace(lora_rank=4)) == saved
 
 
+def test_two_hundred_virtual_clients_five_per_round(tiny_overrides, tmp_path):
+    """Many virtual clients, few per round: every one is discovered and sized once, each round
+    trains the 5 sampled. (What each node keeps between rounds is checked directly in
+    test_client_app: only the sent-once factor, here FFA's A.)"""
+    from synthetic import write_csv
+
+    data = write_csv(tmp_path / "big.csv", 6000, seed=1)
+    out = tmp_path / "run"
+    overrides = {**tiny_overrides, "dataset": str(data), "test-size": 200, "partitioner": "iid", "strategy": "ffa",
+                 "clients-per-round": 5, "local-steps": 3, "batch-size": 8, "min-partition-size": "auto",
+                 "output-dir": str(out)}
+    res = fedlora_run(overrides, num_supernodes=200, timeout=900)
+    assert res.returncode == 0, f"fedlora run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    clients = json.loads((out / "data.json").read_text())["clients"]
+    assert len(clients) == 200 and all(c["train_rows"] == 29 for c in clients.values())
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["num_clients"] == 5 for r in rows[1:])
+
+
 def test_fedsa_keeps_each_clients_b_and_exports_its_adapter(tiny_overrides, tmp_path):
     out = tmp_path / "run"
     overrides = _run_ok({**tiny_overrides, "strategy": "fedsa", "evaluate-on": "auto", "output-dir": str(out)})

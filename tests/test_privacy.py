@@ -57,7 +57,7 @@ def test_the_tiny_tokenizer_knows_the_words_of_the_texts(tiny_model_dir):
     """The learning tests below need texts that carry a signal: no word may become [UNK]."""
     from transformers import AutoTokenizer
 
-    from conftest import FILLER, WORDS
+    from synthetic import FILLER, WORDS
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     words = [*FILLER, *" ".join(WORDS.values()).split()]

@@ -168,7 +168,7 @@ def test_a_run_that_finished_keeps_its_status_when_interrupted_afterwards(tmp_pa
 
 def _cli_run(monkeypatch, tmp_path, outcome: Callable[..., RunStatus]) -> int:
     """`fedlora run` with the run itself replaced by `outcome`, in a fresh output folder."""
-    monkeypatch.setattr(runner, "preflight", lambda cfg, n: None)
+    monkeypatch.setattr(runner, "preflight", lambda cfg, n, gpus=0.0: None)
     monkeypatch.setattr(runner, "unwind_on_signals", lambda: None)
     monkeypatch.setattr(runner, "run_simulation", outcome)
     return cli.main(["run", str(REPO), "--quiet", "--run-config", f"output-dir='{tmp_path}' dp=false"])
@@ -200,3 +200,33 @@ def test_ctrl_c_exits_with_the_signals_code_without_a_traceback(tmp_path, monkey
         raise KeyboardInterrupt
 
     assert _cli_run(monkeypatch, tmp_path, outcome) == 130
+
+
+def test_client_gpus_reach_flower_as_each_clients_share(monkeypatch, tmp_path):
+    """`--client-gpus F` is Ray's GPU budget per virtual client (Flower's client-resources-num-gpus);
+    without CUDA only 0 is accepted, and it is the default."""
+    got = {}
+
+    def outcome(app, cfg, n, *, client_cpus=1, client_gpus=0.0, quiet=False):
+        got["gpus"] = client_gpus
+        return RunStatus("completed", 5, "all 5 rounds ran")
+
+    monkeypatch.setattr(runner, "_cuda", lambda: False)
+    assert _cli_run(monkeypatch, tmp_path / "a", outcome) == 0 and got["gpus"] == 0.0
+    assert cli.main(["run", str(REPO), "--client-gpus", "0.5", "-c", f"output-dir='{tmp_path / 'b'}'"]) == 2
+    monkeypatch.setattr(runner, "_cuda", lambda: True)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)
+    assert runner.client_gpu_share(None, 2) == 0.25  # 4 clients at once on 8 cores: a quarter each
+    assert runner.client_gpu_share(0.5, 1) == 0.5 and runner.client_gpu_share(0, 1) == 0.0
+    with pytest.raises(runner.ConfigError, match="must be in \\[0, 1\\]"):
+        runner.client_gpu_share(2, 1)
+    assert runner.federation_config(1000, 1, 0.25) == (
+        "num-supernodes=1000 client-resources-num-cpus=1 client-resources-num-gpus=0.25")
+
+
+def test_a_client_without_a_gpu_share_is_shown_no_gpu_by_ray(monkeypatch):
+    """Ray hides the GPU from actors that reserve none only if nothing turns that off: the private
+    SuperLink's environment must not carry RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0."""
+    import inspect
+
+    assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in inspect.getsource(runner)

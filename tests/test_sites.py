@@ -82,6 +82,8 @@ def test_the_first_query_reports_identity_version_and_data_sizes(run_config, sit
     ({}, {"require-dp": True}, r"requires DP-SGD \(require-dp\) and this job has dp=false"),
     ({"labels": "", "dataset": "tweets"}, {}, "brings its own data .* but the job sets no `labels`"),
     ({"labels": "neg,neu"}, {}, "'pos' \\(30 rows\\)"),
+    pytest.param({"precision": "bf16"}, {}, "precision='bf16' needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this site has CUDA")),
 ])
 def test_a_site_refuses_a_job_it_does_not_accept(run_config, site_file, tmp_path, change, node, reason):
     config = {**run_config, **change}

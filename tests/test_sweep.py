@@ -27,14 +27,14 @@ def _write_run(out, rounds: int, last: int, strategy: str = "fedsvd", state: str
 def test_finished_runs_are_skipped_and_interrupted_ones_rerun(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(app, cfg, n, client_cpus=1, quiet=False):
+    def fake_run(app, cfg, n, client_cpus=1, client_gpus=0.0, quiet=False):
         calls.append(cfg.strategy)
         out = tmp_path / f"{cfg.strategy}-run"
         _write_run(out, cfg.num_server_rounds, cfg.num_server_rounds, cfg.strategy)
         return read_status(out)
 
     monkeypatch.setattr(sweep, "run_simulation", fake_run)
-    monkeypatch.setattr(sweep, "preflight", lambda cfg, n: None)
+    monkeypatch.setattr(sweep, "preflight", lambda cfg, n, gpus=0.0: None)
     _write_run(tmp_path / "fedsvd-run", 2, 2)  # finished earlier
     _write_run(tmp_path / "ffa-run", 2, 1, "ffa", state="running")  # killed after round 1
     (tmp_path / "ffa-run" / "stale.txt").write_text("from the interrupted run")
@@ -66,7 +66,7 @@ def test_the_summary_carries_each_private_runs_budget_and_spend(tmp_path):
 
 def test_a_run_that_spent_every_budget_is_finished_kept_and_summarised(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_simulation", lambda *a, **k: pytest.fail("a finished run was run again"))
-    monkeypatch.setattr(sweep, "preflight", lambda cfg, n: None)
+    monkeypatch.setattr(sweep, "preflight", lambda cfg, n, gpus=0.0: None)
     out = tmp_path / "dp-run"
     _write_run(out, 5, 3, state="budget-exhausted")  # stopped after round 3 of 5: nobody left to train
     run_sweep(REPO, [SweepRun("dp-run", {"num-server-rounds": 5})], tmp_path)
