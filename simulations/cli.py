@@ -11,6 +11,17 @@ spent; the last line says which, after what round, and lists the outputs it wrot
 failed or hung (the reason on stderr and in `<output-dir>/status.json`). Exit 2: bad input, before
 anything started. 128 + N: stopped by signal N (Ctrl-C, `kill`); every process it started is stopped.
 
+    fedlora sweep EXPERIMENT.toml [--app APP_DIR]
+
+runs every cell of an experiment's grid (`sweep`: one `fedlora run` each, into its own folder),
+skipping finished cells and resuming interrupted ones, so the same command continues a sweep.
+Exit 0: every cell finished; 1: some failed (the others ran); 2: bad input.
+
+    fedlora report SWEEP_DIR|RUN_DIR [--out FOLDER]
+
+plots (accuracy with a band over seeds, ε, bytes per round) and a table with paired differences
+between methods (`report`).
+
     fedlora privacy plan (--epsilon E | --sigma S) --delta D (--sample-rate Q | --num-examples N
                          --batch-size B) --steps T [--accountant prv|rdp] [--json]
     fedlora privacy report OUTPUT_DIR|SITE_DIR [--json]
@@ -187,6 +198,25 @@ def _add_privacy(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(handler=_privacy_report)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """`fedlora sweep`: 0 when every run finished, 1 when some failed (the others ran), 2 bad input."""
+    from .sweep import Experiment, run_sweep
+
+    try:
+        experiment = Experiment.from_toml(args.experiment)
+        runs = experiment.runs()
+        failed = run_sweep(Path(args.app), runs, experiment.root, num_supernodes=experiment.num_supernodes,
+                           client_cpus=experiment.client_cpus, grid_keys=list(experiment.grid))
+    except ConfigError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    print(f"fedlora sweep: {len(runs) - len(failed)} of {len(runs)} runs finished"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; results in {experiment.root / 'results.csv'}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,13 +236,19 @@ def main(argv: list[str] | None = None) -> int:
                           "(default: 0 without a GPU, else an equal share for each client running at once)")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the run's log")
     run.set_defaults(handler=_run)
+    sweep = sub.add_parser("sweep", help="run every cell of an experiment's grid (again: resume it)")
+    sweep.add_argument("experiment", type=Path, help="the experiment file (TOML: output-dir, [base], [grid])")
+    sweep.add_argument("--app", default=".", help="the Flower app folder (default: .)")
+    sweep.set_defaults(handler=_sweep)
     _add_privacy(sub)
     from fedlora.deploy.keys import add_commands as add_key_commands
     from fedlora.deploy.submit import add_commands as add_submit_commands
 
     from .checkdata import add_commands as add_data_commands
+    from .report import add_commands as add_report_commands
 
     add_data_commands(sub)
+    add_report_commands(sub)
     add_key_commands(sub)
     add_submit_commands(sub)
     args = parser.parse_args(argv)

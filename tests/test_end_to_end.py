@@ -479,3 +479,64 @@ def test_kill_9_of_the_whole_run_then_resume_ends_as_an_uninterrupted_run(start_
     got, want = (load_file(folder / "adapter" / "adapter_model.safetensors") for folder in (out, tmp_path / "whole"))
     assert sorted(got) == sorted(want)
     assert all(torch.allclose(got[k], want[k], atol=1e-6, rtol=0) for k in got)
+
+
+def test_the_readmes_sweep_runs_every_cell_skips_them_again_and_resumes_an_interrupted_one(tiny_overrides, tmp_path):
+    """`fedlora sweep experiment.toml` as the README writes it, the grid cut to 2 strategies × 2
+    seeds and the runs to the tiny model."""
+    import csv
+    import os
+    import sys
+    import tomllib
+
+    from conftest import REPO
+    from fedlora.core.status import RunStatus, read_status, write_status
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Sweeps"):]
+    experiment = tomllib.loads(re.search(r"```toml\n(.*?)```", section, re.S).group(1))
+    command = re.search(r"```bash\n(fedlora sweep [^\n]+)\n```", section).group(1).split()
+    report = re.search(r"```bash\n(fedlora report [^\n]+)\n```", section).group(1).split()
+    experiment["grid"] = {"strategy": ["fedsvd", "ffa"], "seed": [0, 1]}
+    experiment["num-supernodes"] = 3
+    experiment["base"].update({k: v for k, v in tiny_overrides.items() if k != "seed"})
+    lines = [f"{k} = {json.dumps(v)}" for k, v in experiment.items() if not isinstance(v, dict)]
+    for table in ("base", "grid"):
+        lines += [f"[{table}]", *(f"{k} = {json.dumps(v)}" for k, v in experiment[table].items())]
+    (tmp_path / command[-1]).write_text("\n".join(lines) + "\n")
+    root = tmp_path / experiment["output-dir"]
+
+    def sweep() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedlora.simulations.cli", *command[1:], "--app", str(REPO)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    res = sweep()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "4 of 4 runs finished" in res.stdout
+    names = {f"strategy-{s}__seed-{k}" for s in ("fedsvd", "ffa") for k in (0, 1)}
+    table = list(csv.DictReader((root / "results.csv").open()))
+    assert {r["run"] for r in table} == names and len(table) == 4 * 3  # rounds 0, 1, 2 of each
+    assert {(r["strategy"], r["seed"]) for r in table} == {(s, str(k)) for s in ("fedsvd", "ffa") for k in (0, 1)}
+    stamps = {n: (root / n / "status.json").stat().st_mtime_ns for n in names}
+
+    res = sweep()  # nothing left to do
+    assert res.returncode == 0 and "4 of 4 runs finished" in res.stdout
+    assert {n: (root / n / "status.json").stat().st_mtime_ns for n in names} == stamps
+
+    cut = root / "strategy-ffa__seed-1"  # as if killed after its last checkpoint
+    write_status(cut, RunStatus("running", 2, "killed in a test"))
+    res = sweep()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert read_status(cut).state == "completed"
+    assert {n: (root / n / "status.json").stat().st_mtime_ns for n in names - {cut.name}} == {
+        n: stamps[n] for n in names - {cut.name}}
+
+    res = subprocess.run([sys.executable, "-m", "fedlora.simulations.cli", *report[1:]], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for name in ("accuracy.png", "bytes.png"):
+        png = (root / "report" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (770).to_bytes(4, "big") + (462).to_bytes(4, "big")
+    table = (root / "report" / "report.md").read_text()
+    assert table.count("| 2 |") >= 2  # each strategy's group: 2 seeds

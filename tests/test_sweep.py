@@ -74,3 +74,78 @@ def test_a_run_that_spent_every_budget_is_finished_kept_and_summarised(tmp_path,
     (row,) = summarize(tmp_path)
     assert (row["run"], row["state"], row["last_round"], row["rounds"]) == ("dp-run", "budget-exhausted", 3, 3)
     assert row["accuracy_by_round"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def _experiment(tmp_path, text: str):
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return sweep.Experiment.from_toml(path)
+
+
+def test_an_experiment_file_is_a_grid_of_named_runs_over_shared_settings(tmp_path):
+    exp = _experiment(tmp_path, 'output-dir = "out"\nnum-supernodes = 4\n[base]\nnum-server-rounds = 2\n'
+                                '[grid]\nstrategy = ["fedsvd", "ffa"]\ntarget-epsilon = [3.0, 6.0]\n')
+    assert exp.root == (tmp_path / "out").resolve() and exp.num_supernodes == 4 and exp.client_cpus == 1
+    runs = exp.runs()
+    assert [r.name for r in runs] == ["strategy-fedsvd__target-epsilon-3.0", "strategy-fedsvd__target-epsilon-6.0",
+                                      "strategy-ffa__target-epsilon-3.0", "strategy-ffa__target-epsilon-6.0"]
+    assert runs[2].overrides == {"num-server-rounds": 2, "strategy": "ffa", "target-epsilon": 3.0}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('output-dir = "o"\n[grid]\n', r"\[grid\] is missing or empty"),
+    ('output-dir = "o"\n[grid]\nseed = 3\n', r"\['seed'\] must be non-empty lists"),
+    ('output-dir = "o"\n[base]\nseed = 1\n[grid]\nseed = [1, 2]\n', r"\['seed'\] are in both"),
+    ('[grid]\nseed = [1]\n', "output-dir .* is required"),
+    ('output-dir = "o"\nrounds = 3\n[grid]\nseed = [1]\n', r"unknown keys \['rounds'\]"),
+    ('output-dir = "o"\nnum-supernodes = 0\n[grid]\nseed = [1]\n', "must be integers >= 1"),
+    ('output-dir = "o"\n[grid\n', "exp.toml"),
+])
+def test_a_bad_experiment_file_is_refused_naming_the_problem(tmp_path, text, message):
+    with pytest.raises(sweep.ConfigError, match=message):
+        _experiment(tmp_path, text)
+
+
+def test_a_bad_cell_stops_the_sweep_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "run_simulation", lambda *a, **k: pytest.fail("ran although a cell is bad"))
+    runs = [SweepRun("a", {"strategy": "fedsvd"}), SweepRun("b", {"strategy": "no-such-method"})]
+    with pytest.raises(sweep.ConfigError, match="no-such-method"):
+        run_sweep(REPO, runs, tmp_path)
+
+
+def test_a_checkpointed_run_resumes_a_failing_one_is_reported_and_the_table_is_tidy(tmp_path, monkeypatch):
+    """Cell a stopped after round 1 with a checkpoint: resumed (resume=true). Cell b fails: the
+    sweep goes on to c and says so. results.csv: a row per run and round, grid keys as columns."""
+    import csv
+
+    import torch
+
+    from fedlora.server.checkpoint import Checkpoint, save_checkpoint
+    from fedlora.simulations.runner import RunFailed
+
+    seen = {}
+
+    def fake_run(app, cfg, n, client_cpus=1, client_gpus=0.0, quiet=False):
+        name = cfg.output_dir.rsplit("/", 1)[-1]
+        seen[name] = cfg.resume
+        if name.endswith("seed-1") and cfg.strategy == "ffa":
+            raise RunFailed("a client crashed")
+        _write_run(tmp_path / name, 2, 2, cfg.strategy)
+        return read_status(tmp_path / name)
+
+    monkeypatch.setattr(sweep, "run_simulation", fake_run)
+    monkeypatch.setattr(sweep, "preflight", lambda cfg, n, gpus=0.0: None)
+    runs = [SweepRun(f"strategy-{s}__seed-{k}", {"strategy": s, "seed": k, "num-server-rounds": 2})
+            for s in ("fedsvd", "ffa") for k in (0, 1)]
+    interrupted = tmp_path / runs[0].name
+    _write_run(interrupted, 2, 1, state="running")
+    save_checkpoint(interrupted, Checkpoint(round=1, job="j", arrays={"x": torch.zeros(1)}, strategy={}, rows=[],
+                                            run_config={}))
+    failed = run_sweep(REPO, runs, tmp_path, grid_keys=["strategy", "seed"])
+    assert failed == ["strategy-ffa__seed-1"]
+    assert seen == {runs[0].name: True, runs[1].name: False, runs[2].name: False, runs[3].name: False}
+    table = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["run"] for r in table} == {r.name for r in runs[:3]}  # the failed one has no rows
+    assert [(r["strategy"], r["seed"], r["round"]) for r in table if r["run"] == runs[2].name] == [
+        ("ffa", "0", "0"), ("ffa", "0", "1"), ("ffa", "0", "2")]
+    assert all(r["state"] == "completed" and r["test_accuracy"] for r in table)

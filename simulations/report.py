@@ -1,0 +1,206 @@
+"""`fedlora report DIR`: plots and a table that compare the runs of a sweep folder (or show one run).
+
+    fedlora report SWEEP_DIR|RUN_DIR [--out FOLDER]
+
+Runs are grouped by every run-config key that differs between them except `seed`: a group is one
+method under one setting, its runs are its seeds. Written to `<DIR>/report/` (or `--out`):
+
+* `accuracy.png`: test accuracy per round, each group's mean over seeds with a band from its
+  lowest to its highest seed;
+* `epsilon.png` (private runs only): the largest ε any client has spent, per round;
+* `bytes.png`: bytes sent per round (up + down), per group;
+* `report.md`: per group, the final and best-of-last-3 test accuracy as mean ± std over seeds and
+  the ε spent; then every pair of groups compared seed by seed (paired differences of the final
+  accuracy, same seed in both): the mean difference with its 95 % t interval. A difference is
+  claimed only where that interval excludes 0; with one shared seed there is no interval.
+
+A single run's folder gets the same plots (one group, no pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.core.status import read_status
+
+from .sweep import read_rows
+
+__all__ = ["Group", "add_commands", "load_groups", "paired_difference", "write_report"]
+
+#: keys that differ between runs without making them different methods or settings
+_NOT_A_SETTING = {"seed", "output-dir", "resume", "round-timeout", "connect-timeout"}
+
+
+@dataclass
+class Group:
+    """One method under one setting: its label and each seed's metrics rows."""
+
+    label: str
+    runs: dict[int, list[dict[str, Any]]]  # seed -> metrics.jsonl rows
+    dp: bool
+
+    def curve(self, key: str) -> dict[int, list[float]]:
+        """round -> the value of `key` in each seed's row of that round (seeds that have it)."""
+        out: dict[int, list[float]] = {}
+        for rows in self.runs.values():
+            for row in rows:
+                if row.get(key) is not None:
+                    out.setdefault(int(row["round"]), []).append(float(row[key]))
+        return dict(sorted(out.items()))
+
+    def final(self, seed: int) -> float | None:
+        acc = [r["test_accuracy"] for r in self.runs[seed] if r.get("test_accuracy") is not None]
+        return acc[-1] if acc else None
+
+    def best_of_last_3(self, seed: int) -> float | None:
+        acc = [r["test_accuracy"] for r in self.runs[seed] if r.get("test_accuracy") is not None]
+        return max(acc[-3:]) if acc else None
+
+    def epsilon(self, seed: int) -> float | None:
+        eps = [r["epsilon_max"] for r in self.runs[seed] if r.get("epsilon_max") is not None]
+        return eps[-1] if eps else None
+
+
+def _run_folders(folder: Path) -> list[Path]:
+    if (folder / "metrics.jsonl").exists():
+        return [folder]
+    return sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").exists() and (p / "run_config.json").exists())
+
+
+def load_groups(folder: Path) -> list[Group]:
+    """The finished runs under `folder` (or `folder` itself, a run), grouped by setting."""
+    runs = []
+    for path in _run_folders(Path(folder)):
+        status = read_status(path)
+        if status is not None and not status.finished:
+            continue  # running or failed: its numbers are not final
+        runs.append((json.loads((path / "run_config.json").read_text()), read_rows(path)))
+    if not runs:
+        raise ValueError(f"{folder}: no finished run (a folder with metrics.jsonl and run_config.json)")
+    varying = sorted(k for k in set().union(*(cfg for cfg, _ in runs)) - _NOT_A_SETTING
+                     if len({json.dumps(cfg.get(k)) for cfg, _ in runs}) > 1)
+    groups: dict[str, Group] = {}
+    for cfg, rows in runs:
+        label = ", ".join(f"{k}={cfg.get(k)}" for k in varying) or str(cfg.get("strategy", "run"))
+        group = groups.setdefault(label, Group(label, {}, bool(cfg.get("dp"))))
+        group.runs[int(cfg.get("seed", 0))] = rows
+    return list(groups.values())
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | None, float | None]:
+    """Mean of the paired differences a_i - b_i and its 95 % t interval (None with one pair)."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, None, None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def _mean_std(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def _table(groups: list[Group]) -> str:
+    lines = ["| group | seeds | final accuracy | best of last 3 | ε spent (max) |", "|---|---|---|---|---|"]
+    for g in groups:
+        seeds = sorted(g.runs)
+        eps = [g.epsilon(s) for s in seeds]
+        lines.append(f"| {g.label} | {len(seeds)} | {_mean_std([g.final(s) for s in seeds])} | "
+                     f"{_mean_std([g.best_of_last_3(s) for s in seeds])} | "
+                     f"{_mean_std(eps) if g.dp else 'not private'} |")
+    if len(groups) > 1:
+        lines += ["", "Paired by seed, final test accuracy (A − B):", "",
+                  "| A | B | seeds | mean difference | 95 % interval | claim |", "|---|---|---|---|---|---|"]
+        for a, b in itertools.combinations(groups, 2):
+            seeds = sorted(s for s in set(a.runs) & set(b.runs) if a.final(s) is not None and b.final(s) is not None)
+            if not seeds:
+                lines.append(f"| {a.label} | {b.label} | 0 | – | – | no shared seed |")
+                continue
+            mean, low, high = paired_difference([a.final(s) for s in seeds], [b.final(s) for s in seeds])
+            if low is None:
+                interval, claim = "–", "one seed: no interval"
+            else:
+                interval = f"[{low:+.3f}, {high:+.3f}]"
+                claim = "A better" if low > 0 else "B better" if high < 0 else "no difference shown"
+            lines.append(f"| {a.label} | {b.label} | {len(seeds)} | {mean:+.3f} | {interval} | {claim} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(groups: list[Group], key: str, ylabel: str, title: str, path: Path, *, band: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for g in groups:
+        curve = g.curve(key)
+        if not curve:
+            continue
+        rounds = list(curve)
+        means = [statistics.fmean(v) for v in curve.values()]
+        (line,) = ax.plot(rounds, means, marker="o", label=f"{g.label} ({len(g.runs)} seeds)")
+        if band and any(len(v) > 1 for v in curve.values()):
+            ax.fill_between(rounds, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
+                            color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(folder: Path, out: Path | None = None) -> Path:
+    """The plots and report.md for `folder`; returns the report folder."""
+    groups = load_groups(folder)
+    out = Path(out) if out else Path(folder) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(groups, "test_accuracy", "test accuracy", "Test accuracy per round (mean over seeds, band: min–max)",
+          out / "accuracy.png", band=True)
+    if any(g.dp for g in groups):
+        _plot(groups, "epsilon_max", "ε spent (largest client)", "Privacy spent per round", out / "epsilon.png",
+              band=True)
+    for g in groups:  # bytes per round, up + down
+        for rows in g.runs.values():
+            for row in rows:
+                if "bytes_up" in row or "bytes_down" in row:
+                    row["bytes_total"] = row.get("bytes_up", 0) + row.get("bytes_down", 0)
+    _plot(groups, "bytes_total", "bytes per round (up + down)", "Communication per round", out / "bytes.png",
+          band=False)
+    (out / "report.md").write_text(f"# Report: {Path(folder).resolve().name}\n\n{_table(groups)}")
+    return out
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        out = write_report(args.folder, args.out)
+    except (OSError, ValueError) as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    print(f"fedlora report: plots and report.md in {out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser("report", help="plots and a comparison table of a sweep's runs (or of one run)")
+    report.add_argument("folder", type=Path, help="a sweep's output-dir, or one run's output-dir")
+    report.add_argument("--out", type=Path, help="where to write (default: FOLDER/report)")
+    report.set_defaults(handler=_report)

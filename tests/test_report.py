@@ -1,0 +1,80 @@
+"""`fedlora report`: groups a sweep's runs by setting (seeds pooled), plots accuracy with a band over
+seeds, ε and bytes per round, and tabulates paired differences with a t interval that claims a
+winner only where the interval excludes 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+
+from fedlora.core.status import RunStatus, write_status
+from fedlora.simulations.cli import main as cli
+from fedlora.simulations.report import load_groups, paired_difference, write_report
+
+FINAL = {("fedsvd", 0): 0.70, ("fedsvd", 1): 0.72, ("fedsvd", 2): 0.71,
+         ("fedit", 0): 0.60, ("fedit", 1): 0.63, ("fedit", 2): 0.61}
+
+
+def _run(root, strategy: str, seed: int, final: float, *, dp: bool = True, state: str = "completed") -> None:
+    out = root / f"{strategy}-{seed}"
+    out.mkdir(parents=True)
+    write_status(out, RunStatus(state, 3, "test"))
+    (out / "run_config.json").write_text(json.dumps({"strategy": strategy, "seed": seed, "dp": dp,
+                                                     "output-dir": str(out), "num-server-rounds": 3}))
+    rows = [{"round": r, "test_accuracy": final - 0.1 * (3 - r), "bytes_up": 100 * r, "bytes_down": 200 * r,
+             **({"epsilon_max": 1.0 * r} if dp else {})} for r in range(4)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
+    mean, low, high = paired_difference([0.70, 0.72, 0.71], [0.60, 0.63, 0.61])
+    diffs = [0.10, 0.09, 0.10]
+    m = sum(diffs) / 3
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2 df)
+    assert mean == pytest.approx(m) and (low, high) == pytest.approx((m - half, m + half))
+    assert paired_difference([0.5], [0.4])[1:] == (None, None)
+
+
+def test_a_sweep_report_groups_by_setting_and_claims_only_what_the_interval_shows(tmp_path, capsys):
+    for (strategy, seed), final in FINAL.items():
+        _run(tmp_path, strategy, seed, final)
+    _run(tmp_path, "ffa", 0, 0.9, state="running")  # unfinished: left out
+    groups = {g.label: g for g in load_groups(tmp_path)}
+    assert set(groups) == {"strategy=fedsvd", "strategy=fedit"}
+    assert sorted(groups["strategy=fedsvd"].runs) == [0, 1, 2]
+    assert cli(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| strategy=fedsvd | 3 | 0.710 ± 0.010 | 0.710 ± 0.010 | 3.000 ± 0.000 |" in report
+    fedsvd_first = "| strategy=fedsvd | strategy=fedit | 3 | +0.097 |" in report
+    assert fedsvd_first or "| strategy=fedit | strategy=fedsvd | 3 | -0.097 |" in report
+    assert ("A better" if fedsvd_first else "B better") in report
+    for name in ("accuracy.png", "epsilon.png", "bytes.png"):
+        assert _png_size(tmp_path / "report" / name) == (770, 462)  # 7 × 4.2 in at 110 dpi
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_overlapping_seeds_show_no_difference_and_one_run_gets_its_plots(tmp_path):
+    for seed, (a, b) in enumerate([(0.70, 0.60), (0.60, 0.70), (0.66, 0.64)]):
+        _run(tmp_path / "sweep", "fedsvd", seed, a, dp=False)
+        _run(tmp_path / "sweep", "fedit", seed, b, dp=False)
+    report = write_report(tmp_path / "sweep")
+    assert "no difference shown" in (report / "report.md").read_text()
+    assert not (report / "epsilon.png").exists()  # nothing private
+    single = write_report(tmp_path / "sweep" / "fedsvd-0", tmp_path / "one")
+    assert _png_size(single / "accuracy.png") == (770, 462)
+    assert "| fedsvd | 1 | 0.700 |" in (single / "report.md").read_text()
+
+
+def test_a_folder_without_runs_is_refused(tmp_path, capsys):
+    assert cli(["report", str(tmp_path)]) == 2
+    assert "no finished run" in capsys.readouterr().err
