@@ -6,9 +6,10 @@ pays the imports and the model load each time (the cold start: BENCHMARKS.md), s
 message does not need is loaded for it (a query or a refused evaluation never builds the model).
 Each message sets all exchanged tensors (LoRA A, B and a trainable head) and the base weights (W0
 plus the change the message carries, if any; W0 itself is kept pristine), so nothing leaks from
-one client or round to the next. What a client keeps between rounds lives in its node's `context.state`: the arrays
-a method sends only once (FFA-LoRA's fixed A) and the factors it never sends (FedSA's own B, also
-saved in the site's folder, so that a resumed job finds it).
+one client or round to the next. What a client keeps between rounds lives in its node's
+`context.state`, and only that: the arrays a method sends only once (FFA-LoRA's fixed A) and the
+factors it never sends (FedSA's own B, also saved in the site's folder, so that a resumed job
+finds it).
 
 The site (`client/site.py`: its node config) decides what it trains on (`data=`, its own file, or
 the simulation's partition), where its files go (`site-dir`) and its policy: it refuses a job it
