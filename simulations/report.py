@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,13 @@ class Group:
     runs: dict[int, list[dict[str, Any]]]  # seed -> metrics.jsonl rows
     dp: bool
 
-    def curve(self, key: str) -> dict[int, list[float]]:
-        """round -> the value of `key` in each seed's row of that round (seeds that have it)."""
+    def curve(self, value: Callable[[dict[str, Any]], float | None]) -> dict[int, list[float]]:
+        """round -> `value(row)` of each seed's row of that round (seeds where it is not None)."""
         out: dict[int, list[float]] = {}
         for rows in self.runs.values():
             for row in rows:
-                if row.get(key) is not None:
-                    out.setdefault(int(row["round"]), []).append(float(row[key]))
+                if (v := value(row)) is not None:
+                    out.setdefault(int(row["round"]), []).append(float(v))
         return dict(sorted(out.items()))
 
     def final(self, seed: int) -> float | None:
@@ -140,7 +141,8 @@ def _table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(groups: list[Group], key: str, ylabel: str, title: str, path: Path, *, band: bool) -> None:
+def _plot(groups: list[Group], value: Callable[[dict[str, Any]], float | None], ylabel: str, title: str, path: Path,
+          *, band: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +150,7 @@ def _plot(groups: list[Group], key: str, ylabel: str, title: str, path: Path, *,
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for g in groups:
-        curve = g.curve(key)
+        curve = g.curve(value)
         if not curve:
             continue
         rounds = list(curve)
@@ -167,23 +169,23 @@ def _plot(groups: list[Group], key: str, ylabel: str, title: str, path: Path, *,
     plt.close(fig)
 
 
+def _bytes(row: dict[str, Any]) -> float | None:
+    if "bytes_up" not in row and "bytes_down" not in row:
+        return None
+    return row.get("bytes_up", 0) + row.get("bytes_down", 0)
+
+
 def write_report(folder: Path, out: Path | None = None) -> Path:
     """The plots and report.md for `folder`; returns the report folder."""
     groups = load_groups(folder)
     out = Path(out) if out else Path(folder) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    _plot(groups, "test_accuracy", "test accuracy", "Test accuracy per round (mean over seeds, band: min–max)",
-          out / "accuracy.png", band=True)
+    _plot(groups, lambda r: r.get("test_accuracy"), "test accuracy",
+          "Test accuracy per round (mean over seeds, band: min–max)", out / "accuracy.png", band=True)
     if any(g.dp for g in groups):
-        _plot(groups, "epsilon_max", "ε spent (largest client)", "Privacy spent per round", out / "epsilon.png",
-              band=True)
-    for g in groups:  # bytes per round, up + down
-        for rows in g.runs.values():
-            for row in rows:
-                if "bytes_up" in row or "bytes_down" in row:
-                    row["bytes_total"] = row.get("bytes_up", 0) + row.get("bytes_down", 0)
-    _plot(groups, "bytes_total", "bytes per round (up + down)", "Communication per round", out / "bytes.png",
-          band=False)
+        _plot(groups, lambda r: r.get("epsilon_max"), "ε spent (largest client)", "Privacy spent per round",
+              out / "epsilon.png", band=True)
+    _plot(groups, _bytes, "bytes per round (up + down)", "Communication per round", out / "bytes.png", band=False)
     (out / "report.md").write_text(f"# Report: {Path(folder).resolve().name}\n\n{_table(groups)}")
     return out
 
