@@ -1,6 +1,7 @@
 """`fedlora` console script.
 
     fedlora run [APP_DIR] [--run-config "key=value ..."] [--num-supernodes N] [--client-cpus C] [--client-gpus F]
+                [--ray-address HOST:PORT]
     fedlora run [APP_DIR] --resume OUTPUT_DIR [--run-config "num-server-rounds=..."]
 
 validates the run config, runs the simulation on a private SuperLink (see `runner`) and waits for
@@ -10,8 +11,10 @@ change. Exit 0: the run completed, or stopped early because every client's priva
 spent; the last line says which, after what round, and lists the outputs it wrote. Exit 1: the run
 failed or hung (the reason on stderr and in `<output-dir>/status.json`). Exit 2: bad input, before
 anything started. 128 + N: stopped by signal N (Ctrl-C, `kill`); every process it started is stopped.
+With `--ray-address` (or `RAY_ADDRESS`) the clients run on that Ray cluster, after a check that
+every node sees the run's model, data and output folder (`cluster`, docs/cluster.md).
 
-    fedlora sweep EXPERIMENT.toml [--app APP_DIR]
+    fedlora sweep EXPERIMENT.toml [--app APP_DIR] [--ray-address HOST:PORT]
 
 runs every cell of an experiment's grid (`sweep`: one `fedlora run` each, into its own folder),
 skipping finished cells and resuming interrupted ones, so the same command continues a sweep.
@@ -95,6 +98,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .cluster import ray_address
     from .runner import RunFailed, client_gpu_share, preflight, resolve_config, run_simulation, unwind_on_signals
 
     try:
@@ -103,7 +107,9 @@ def _run(args: argparse.Namespace) -> int:
         client_gpus = client_gpu_share(args.client_gpus, args.client_cpus)
         num_supernodes = _federation(args)
         cfg = resolve_config(Path(args.app), _overrides(args))
+        address = ray_address(args.ray_address)
         preflight(cfg, num_supernodes, client_gpus)
+        _check_cluster(cfg, address, args.quiet)
     except ConfigError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
@@ -117,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     (logs / _FEDERATION).write_text(json.dumps({"num-supernodes": num_supernodes}) + "\n")
     try:
         status = run_simulation(Path(args.app), cfg, num_supernodes, client_cpus=args.client_cpus,
-                                client_gpus=client_gpus, quiet=args.quiet)
+                                client_gpus=client_gpus, quiet=args.quiet, ray_address=address)
     except RunFailed as exc:
         print(f"fedlora: run failed: {exc}", file=sys.stderr)
         return 1
@@ -125,6 +131,18 @@ def _run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGINT
     print(_ending(Path(cfg.output_dir), status))
     return 0
+
+
+def _check_cluster(cfg, address: str, quiet: bool) -> None:
+    """On a Ray cluster, check every node before the run (`cluster.check_cluster`)."""
+    from .cluster import LOCAL, check_cluster
+
+    if address == LOCAL:
+        return
+    nodes = check_cluster(cfg, address)
+    if not quiet:
+        print(f"fedlora: Ray cluster at {address}: {len(nodes)} nodes see the model, the data and "
+              f"output-dir ({', '.join(n.node for n in nodes)})", flush=True)
 
 
 def _ending(out: Path, status: RunStatus) -> str:
@@ -200,13 +218,15 @@ def _add_privacy(sub: argparse._SubParsersAction) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     """`fedlora sweep`: 0 when every run finished, 1 when some failed (the others ran), 2 bad input."""
+    from .cluster import ray_address
     from .sweep import Experiment, run_sweep
 
     try:
         experiment = Experiment.from_toml(args.experiment)
         runs = experiment.runs()
         failed = run_sweep(Path(args.app), runs, experiment.root, num_supernodes=experiment.num_supernodes,
-                           client_cpus=experiment.client_cpus, grid_keys=list(experiment.grid))
+                           client_cpus=experiment.client_cpus, grid_keys=experiment.columns(),
+                           ray_address=ray_address(args.ray_address), before_run=_check_cluster)
     except ConfigError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
@@ -215,6 +235,10 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"fedlora sweep: {len(runs) - len(failed)} of {len(runs)} runs finished"
           + (f"; failed: {', '.join(failed)}" if failed else "") + f"; results in {experiment.root / 'results.csv'}")
     return 1 if failed else 0
+
+
+_RAY_HELP = ("run the clients on this Ray cluster (its head's address; default: $RAY_ADDRESS, else a private "
+             "local Ray); every node must see the run's paths (docs/cluster.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="the share of a GPU each simulated client reserves; 0 keeps clients on the CPU "
                           "(default: 0 without a GPU, else an equal share for each client running at once)")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the run's log")
+    run.add_argument("--ray-address", metavar="HOST:PORT", default=None, help=_RAY_HELP)
     run.set_defaults(handler=_run)
     sweep = sub.add_parser("sweep", help="run every cell of an experiment's grid (again: resume it)")
-    sweep.add_argument("experiment", type=Path, help="the experiment file (TOML: output-dir, [base], [grid])")
+    sweep.add_argument("experiment", type=Path, help="the experiment file (TOML: output-dir, [base], [grid] or several [[grid]])")
     sweep.add_argument("--app", default=".", help="the Flower app folder (default: .)")
+    sweep.add_argument("--ray-address", metavar="HOST:PORT", default=None, help=_RAY_HELP)
     sweep.set_defaults(handler=_sweep)
     _add_privacy(sub)
     from fedlora.deploy.keys import add_commands as add_key_commands

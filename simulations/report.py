@@ -10,7 +10,8 @@ method under one setting, its runs are its seeds. Written to `<DIR>/report/` (or
 * `epsilon.png` (private runs only): the largest ε any client has spent, per round;
 * `bytes.png`: bytes sent per round (up + down), per group;
 * `report.md`: per group, the final and best-of-last-3 test accuracy as mean ± std over seeds and
-  the ε spent; then every pair of groups compared seed by seed (paired differences of the final
+  the ε spent; then every pair of groups that differ in one setting (two strategies under the same
+  budget, one strategy under two budgets) compared seed by seed (paired differences of the final
   accuracy, same seed in both): the mean difference with its 95 % t interval. A difference is
   claimed only where that interval excludes 0; with one shared seed there is no interval.
 
@@ -26,7 +27,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ __all__ = ["Group", "add_commands", "load_groups", "paired_difference", "write_r
 
 #: keys that differ between runs without making them different methods or settings
 _NOT_A_SETTING = {"seed", "output-dir", "resume", "round-timeout", "connect-timeout"}
+#: keys that mean nothing without DP: a non-private run's budget is not a setting of it
+_DP_ONLY = {"target-epsilon", "target-delta", "accountant", "grad-sample-mode", "dp-max-participations",
+            "dp-reproducible"}
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Group:
     label: str
     runs: dict[int, list[dict[str, Any]]]  # seed -> metrics.jsonl rows
     dp: bool
+    settings: dict[str, Any] = field(default_factory=dict)  # the keys that differ between groups
 
     def curve(self, value: Callable[[dict[str, Any]], float | None]) -> dict[int, list[float]]:
         """round -> `value(row)` of each seed's row of that round (seeds where it is not None)."""
@@ -83,7 +88,10 @@ def load_groups(folder: Path) -> list[Group]:
         status = read_status(path)
         if status is not None and not status.finished:
             continue  # running or failed: its numbers are not final
-        runs.append((json.loads((path / "run_config.json").read_text()), read_rows(path)))
+        cfg = json.loads((path / "run_config.json").read_text())
+        if not cfg.get("dp"):
+            cfg = {k: v for k, v in cfg.items() if k not in _DP_ONLY}
+        runs.append((cfg, read_rows(path)))
     if not runs:
         raise ValueError(f"{folder}: no finished run (a folder with metrics.jsonl and run_config.json)")
     varying = sorted(k for k in set().union(*(cfg for cfg, _ in runs)) - _NOT_A_SETTING
@@ -91,7 +99,7 @@ def load_groups(folder: Path) -> list[Group]:
     groups: dict[str, Group] = {}
     for cfg, rows in runs:
         label = ", ".join(f"{k}={cfg.get(k)}" for k in varying) or str(cfg.get("strategy", "run"))
-        group = groups.setdefault(label, Group(label, {}, bool(cfg.get("dp"))))
+        group = groups.setdefault(label, Group(label, {}, bool(cfg.get("dp")), {k: cfg.get(k) for k in varying}))
         group.runs[int(cfg.get("seed", 0))] = rows
     return list(groups.values())
 
@@ -115,6 +123,12 @@ def _mean_std(values: list[float | None]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def _differences(a: Group, b: Group) -> set[str]:
+    """The settings in which two groups differ; a private and a non-private run differ in `dp` only."""
+    keys = {k for k in {*a.settings, *b.settings} if a.settings.get(k) != b.settings.get(k)}
+    return keys - _DP_ONLY if "dp" in keys else keys
+
+
 def _table(groups: list[Group]) -> str:
     lines = ["| group | seeds | final accuracy | best of last 3 | ε spent (max) |", "|---|---|---|---|---|"]
     for g in groups:
@@ -124,9 +138,11 @@ def _table(groups: list[Group]) -> str:
                      f"{_mean_std([g.best_of_last_3(s) for s in seeds])} | "
                      f"{_mean_std(eps) if g.dp else 'not private'} |")
     if len(groups) > 1:
-        lines += ["", "Paired by seed, final test accuracy (A − B):", "",
+        lines += ["", "Paired by seed, final test accuracy (A − B), between groups that differ in one setting:", "",
                   "| A | B | seeds | mean difference | 95 % interval | claim |", "|---|---|---|---|---|---|"]
         for a, b in itertools.combinations(groups, 2):
+            if len(_differences(a, b)) != 1:
+                continue  # two things changed: the difference would not say which one matters
             seeds = sorted(s for s in set(a.runs) & set(b.runs) if a.final(s) is not None and b.final(s) is not None)
             if not seeds:
                 lines.append(f"| {a.label} | {b.label} | 0 | – | – | no shared seed |")

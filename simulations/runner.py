@@ -183,9 +183,10 @@ def _flwr_bin(name: str) -> str:
 
 
 @contextmanager
-def private_superlink(log_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen]]:
-    """A simulation SuperLink on free loopback ports; yields the environment for `flwr` calls and
-    the SuperLink's process.
+def private_superlink(log_path: Path, ray_address: str = "local") -> Iterator[tuple[dict[str, str], subprocess.Popen]]:
+    """A simulation SuperLink on free loopback ports whose simulation runs on the Ray at
+    `ray_address` (`cluster.ray_address`: a cluster, or "local", a private one); yields the
+    environment for `flwr` calls and the SuperLink's process.
 
     On exit the SuperLink and every process it started are terminated, then killed: flwr starts
     the SuperExec in a session of its own, so the process group alone is not enough, and a
@@ -197,7 +198,7 @@ def private_superlink(log_path: Path) -> Iterator[tuple[dict[str, str], subproce
     http_port = _free_port()
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "TOKENIZERS_PARALLELISM": "false",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": ray_address,
            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
            # the SuperLink starts `flower-superexec` from PATH: the one next to this Python
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
@@ -323,8 +324,9 @@ def _flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subpr
 
 
 def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client_cpus: int = 1,
-                   client_gpus: float = 0.0, quiet: bool = False) -> RunStatus:
-    """Run the app to its end; returns how it ended (`completed` or `budget-exhausted`).
+                   client_gpus: float = 0.0, quiet: bool = False, ray_address: str = "local") -> RunStatus:
+    """Run the app to its end, its clients on the Ray at `ray_address` (a private local one by
+    default); returns how it ended (`completed` or `budget-exhausted`).
 
     Raises `RunFailed` when the run failed or hung; that and an interruption (SIGINT, or a signal
     `unwind_on_signals` turned into SystemExit) stop every process this started and leave
@@ -336,7 +338,8 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client
     write_run_config(logs / "run_config.toml", cfg)
     try:
         run_id, flower_status = _submit_and_follow(app_dir, cfg, federation_config(num_supernodes, client_cpus,
-                                                                                   client_gpus), quiet, logs)
+                                                                                   client_gpus), quiet, logs,
+                                                   ray_address)
     except BaseException as exc:
         reason = _failure_reason(exc)
         _record_failure(out_dir, reason)
@@ -361,13 +364,13 @@ def federation_config(num_supernodes: int, client_cpus: int, client_gpus: float)
 
 
 def _submit_and_follow(app_dir: Path, cfg: RunConfig, federation: str, quiet: bool,
-                       logs: Path) -> tuple[str, str]:
+                       logs: Path, ray_address: str) -> tuple[str, str]:
     """Submit the run to a private SuperLink and follow its log: (run id, Flower's final status)."""
     def submitted(run_id: str) -> None:
         if not quiet:
             print(f"fedlora: run {run_id} submitted; outputs in {cfg.output_dir}", flush=True)
 
-    with private_superlink(logs / "superlink.log") as (env, superlink), \
+    with private_superlink(logs / "superlink.log", ray_address) as (env, superlink), \
             (logs / "run.log").open("a") as log_file:  # a resumed run appends
         return submit_and_follow(
             app_dir, _CONNECTION, env, logs / "run_config.toml", superlink=superlink,

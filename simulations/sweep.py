@@ -15,6 +15,9 @@ An experiment file names the folder, the federation, the settings every run shar
     strategy = ["fedsvd", "ffa", "fedit"]
     seed = [0, 1, 2]
 
+Several grids (`[[grid]]`, an array of tables) run the union of their combinations, a run that two
+grids share once: e.g. three strategies at several ε, and every strategy without DP.
+
 Each run gets its own folder `<root>/<name>/` (`strategy-fedsvd__seed-0`). A run whose
 `status.json` says it finished (`completed`, or `budget-exhausted`: a DP run that stopped early
 because every budget was spent) is skipped; one that stopped after a round it checkpointed is
@@ -35,7 +38,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +61,11 @@ class SweepRun:
 
 @dataclass(frozen=True)
 class Experiment:
-    """An experiment file: where its runs go, the federation, what every run shares, and the grid."""
+    """An experiment file: where its runs go, the federation, what every run shares, and the grids
+    (one `[grid]`, or several `[[grid]]` whose runs are united)."""
 
     root: Path
-    grid: dict[str, list[Any]]
+    grids: tuple[dict[str, list[Any]], ...]
     base: dict[str, Any] = field(default_factory=dict)
     num_supernodes: int = 10
     client_cpus: int = 1
@@ -78,31 +82,41 @@ class Experiment:
         if unknown:
             raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; an experiment has output-dir, "
                               "num-supernodes, client-cpus, [base] and [grid]")
-        grid, base = doc.get("grid"), doc.get("base", {})
-        if not isinstance(grid, dict) or not grid:
+        grids, base = doc.get("grid"), doc.get("base", {})
+        grids = [grids] if isinstance(grids, dict) else grids
+        if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) and g for g in grids):
             raise ConfigError(f"{path}: [grid] is missing or empty: give each swept key a list of values")
-        bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
-        if bad:
-            raise ConfigError(f"{path}: [grid] {bad} must be non-empty lists, e.g. seed = [0, 1, 2]")
-        both = sorted(set(grid) & set(base))
-        if both:
-            raise ConfigError(f"{path}: {both} are in both [base] and [grid]")
-        if "output-dir" in {*grid, *base}:
+        for grid in grids:
+            bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
+            if bad:
+                raise ConfigError(f"{path}: [grid] {bad} must be non-empty lists, e.g. seed = [0, 1, 2]")
+            both = sorted(set(grid) & set(base))
+            if both:
+                raise ConfigError(f"{path}: {both} are in both [base] and [grid]")
+        if "output-dir" in {*base, *(k for g in grids for k in g)}:
             raise ConfigError(f"{path}: output-dir is the sweep's (top level); each run gets a folder in it")
         if "output-dir" not in doc:
             raise ConfigError(f"{path}: output-dir (the sweep's folder) is required")
         counts = {k: doc.get(k, 10 if k == "num-supernodes" else 1) for k in ("num-supernodes", "client-cpus")}
         if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in counts.values()):
             raise ConfigError(f"{path}: num-supernodes and client-cpus must be integers >= 1, not {counts}")
-        return cls(root=(path.parent / doc["output-dir"]).resolve(), grid=grid, base=base,
+        return cls(root=(path.parent / doc["output-dir"]).resolve(), grids=tuple(grids), base=base,
                    num_supernodes=counts["num-supernodes"], client_cpus=counts["client-cpus"])
 
+    def columns(self) -> list[str]:
+        """The swept keys, in the order they first appear: the run names' and results.csv's order."""
+        return list(dict.fromkeys(k for grid in self.grids for k in grid))
+
     def runs(self) -> list[SweepRun]:
-        """One run per combination of the grid's values, named by them."""
-        keys = list(self.grid)
-        return [SweepRun("__".join(f"{k}-{_slug(v)}" for k, v in zip(keys, values)),
-                         {**self.base, **dict(zip(keys, values))})
-                for values in itertools.product(*self.grid.values())]
+        """One run per combination of each grid's values, named by them; a run that several grids
+        give (same name, so same settings) once."""
+        runs: dict[str, SweepRun] = {}
+        for grid in self.grids:
+            keys = [k for k in self.columns() if k in grid]
+            for values in itertools.product(*(grid[k] for k in keys)):
+                name = "__".join(f"{k}-{_slug(v)}" for k, v in zip(keys, values))
+                runs.setdefault(name, SweepRun(name, {**self.base, **dict(zip(keys, values))}))
+        return list(runs.values())
 
 
 def _slug(value: Any) -> str:
@@ -124,11 +138,13 @@ def read_rows(out_dir: Path) -> list[dict]:
 
 
 def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supernodes: int = 10,
-              client_cpus: int = 1, grid_keys: Sequence[str] = ()) -> list[str]:
-    """Run every unfinished run of `runs` in turn, with a progress bar over runs and one over the
-    current run's rounds; returns the names of the runs that failed (the others go on). Every
-    run's config is checked before the first starts. `<root>/results.csv` (`write_results`, with
-    `grid_keys` as columns) is rewritten after each run."""
+              client_cpus: int = 1, grid_keys: Sequence[str] = (), ray_address: str = "local",
+              before_run: Callable[[Any, str, bool], None] | None = None) -> list[str]:
+    """Run every unfinished run of `runs` in turn on the Ray at `ray_address`, with a progress bar
+    over runs and one over the current run's rounds; returns the names of the runs that failed
+    (the others go on). Every run's config is checked before the first starts, and each again
+    (`preflight`, then `before_run(cfg, ray_address, quiet)`) just before it starts.
+    `<root>/results.csv` (`write_results`, with `grid_keys` as columns) is rewritten after each run."""
     from tqdm import tqdm
 
     unwind_on_signals()
@@ -148,12 +164,14 @@ def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supern
             if action == "fresh" and out.exists():  # failed before any round: nothing worth keeping
                 shutil.rmtree(out)
             preflight(cfg, num_supernodes, client_gpus)
+            if before_run is not None:
+                before_run(cfg, ray_address, True)
             bar.set_postfix_str(f"{run.name} ({action})")
             t0 = time.monotonic()
             try:
                 with _RoundBar(out, cfg.num_server_rounds, run.name):
                     status = run_simulation(app_dir, cfg, num_supernodes, client_cpus=client_cpus,
-                                            client_gpus=client_gpus, quiet=True)
+                                            client_gpus=client_gpus, quiet=True, ray_address=ray_address)
                 rows = read_rows(out)
                 bar.write(f"{run.name}: {status.state} after round {status.last_round} in "
                           f"{time.monotonic() - t0:.0f} s, final test accuracy "

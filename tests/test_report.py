@@ -18,12 +18,13 @@ FINAL = {("fedsvd", 0): 0.70, ("fedsvd", 1): 0.72, ("fedsvd", 2): 0.71,
          ("fedit", 0): 0.60, ("fedit", 1): 0.63, ("fedit", 2): 0.61}
 
 
-def _run(root, strategy: str, seed: int, final: float, *, dp: bool = True, state: str = "completed") -> None:
-    out = root / f"{strategy}-{seed}"
+def _run(root, strategy: str, seed: int, final: float, *, dp: bool = True, state: str = "completed",
+         **config) -> None:
+    out = root / "-".join([strategy, str(seed), *map(str, config.values()), *(["np"] if config and not dp else [])])
     out.mkdir(parents=True)
     write_status(out, RunStatus(state, 3, "test"))
     (out / "run_config.json").write_text(json.dumps({"strategy": strategy, "seed": seed, "dp": dp,
-                                                     "output-dir": str(out), "num-server-rounds": 3}))
+                                                     "output-dir": str(out), "num-server-rounds": 3, **config}))
     rows = [{"round": r, "test_accuracy": final - 0.1 * (3 - r), "bytes_up": 100 * r, "bytes_down": 200 * r,
              **({"epsilon_max": 1.0 * r} if dp else {})} for r in range(4)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -73,6 +74,24 @@ def test_overlapping_seeds_show_no_difference_and_one_run_gets_its_plots(tmp_pat
     single = write_report(tmp_path / "sweep" / "fedsvd-0", tmp_path / "one")
     assert _png_size(single / "accuracy.png") == (770, 462)
     assert "| fedsvd | 1 | 0.700 |" in (single / "report.md").read_text()
+
+
+def test_pairs_differ_in_one_setting_and_a_non_private_runs_budget_is_not_a_setting(tmp_path):
+    for seed in range(3):
+        for strategy in ("fedsvd", "fedit"):
+            _run(tmp_path, strategy, seed, 0.6, **{"target-epsilon": 1.0})
+            _run(tmp_path, strategy, seed, 0.6, dp=False, **{"target-epsilon": 6.0})  # default left in its config
+        _run(tmp_path, "fedsvd", seed, 0.6, **{"target-epsilon": 6.0})
+    groups = {g.label for g in load_groups(tmp_path)}
+    assert groups == {"dp=True, strategy=fedsvd, target-epsilon=1.0", "dp=True, strategy=fedit, target-epsilon=1.0",
+                      "dp=True, strategy=fedsvd, target-epsilon=6.0", "dp=False, strategy=fedsvd, target-epsilon=None",
+                      "dp=False, strategy=fedit, target-epsilon=None"}
+    pairs = [line.split(" | ")[:2] for line in (write_report(tmp_path) / "report.md").read_text().splitlines()
+             if line.count("|") == 7 and "=" in line]
+    pairs = {frozenset(p) for p in pairs}
+    assert len(pairs) == 6  # fedsvd-fedit at ε=1 and without DP; fedsvd ε=1-ε=6; ε=1 (both), ε=6 against no DP
+    assert frozenset({"| dp=True, strategy=fedsvd, target-epsilon=6.0", "dp=True, strategy=fedit, target-epsilon=1.0"}) \
+        not in pairs  # strategy and budget both differ
 
 
 def test_a_folder_without_runs_is_refused(tmp_path, capsys):

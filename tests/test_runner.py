@@ -207,12 +207,13 @@ def test_client_gpus_reach_flower_as_each_clients_share(monkeypatch, tmp_path):
     without CUDA only 0 is accepted, and it is the default."""
     got = {}
 
-    def outcome(app, cfg, n, *, client_cpus=1, client_gpus=0.0, quiet=False):
-        got["gpus"] = client_gpus
+    def outcome(app, cfg, n, *, client_cpus=1, client_gpus=0.0, quiet=False, ray_address=None):
+        got["gpus"], got["ray"] = client_gpus, ray_address
         return RunStatus("completed", 5, "all 5 rounds ran")
 
     monkeypatch.setattr(runner, "_cuda", lambda: False)
-    assert _cli_run(monkeypatch, tmp_path / "a", outcome) == 0 and got["gpus"] == 0.0
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _cli_run(monkeypatch, tmp_path / "a", outcome) == 0 and got == {"gpus": 0.0, "ray": "local"}
     assert cli.main(["run", str(REPO), "--client-gpus", "0.5", "-c", f"output-dir='{tmp_path / 'b'}'"]) == 2
     monkeypatch.setattr(runner, "_cuda", lambda: True)
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)

@@ -27,7 +27,7 @@ def _write_run(out, rounds: int, last: int, strategy: str = "fedsvd", state: str
 def test_finished_runs_are_skipped_and_interrupted_ones_rerun(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(app, cfg, n, client_cpus=1, client_gpus=0.0, quiet=False):
+    def fake_run(app, cfg, n, client_cpus=1, client_gpus=0.0, quiet=False, ray_address=None):
         calls.append(cfg.strategy)
         out = tmp_path / f"{cfg.strategy}-run"
         _write_run(out, cfg.num_server_rounds, cfg.num_server_rounds, cfg.strategy)
@@ -92,6 +92,19 @@ def test_an_experiment_file_is_a_grid_of_named_runs_over_shared_settings(tmp_pat
     assert runs[2].overrides == {"num-server-rounds": 2, "strategy": "ffa", "target-epsilon": 3.0}
 
 
+def test_several_grids_run_the_union_of_their_cells_each_once(tmp_path):
+    exp = _experiment(tmp_path, 'output-dir = "out"\n'
+                                '[[grid]]\nstrategy = ["fedsvd", "ffa"]\ndp = [true]\ntarget-epsilon = [1.0, 6.0]\n'
+                                '[[grid]]\nstrategy = ["fedsvd", "fedit", "ffa"]\ndp = [false]\n'
+                                '[[grid]]\nstrategy = ["fedit"]\ndp = [false]\n')  # fedit dp=false twice
+    assert exp.columns() == ["strategy", "dp", "target-epsilon"]
+    assert [r.name for r in exp.runs()] == [
+        "strategy-fedsvd__dp-True__target-epsilon-1.0", "strategy-fedsvd__dp-True__target-epsilon-6.0",
+        "strategy-ffa__dp-True__target-epsilon-1.0", "strategy-ffa__dp-True__target-epsilon-6.0",
+        "strategy-fedsvd__dp-False", "strategy-fedit__dp-False", "strategy-ffa__dp-False"]
+    assert exp.runs()[5].overrides == {"strategy": "fedit", "dp": False}
+
+
 @pytest.mark.parametrize("text, message", [
     ('output-dir = "o"\n[grid]\n', r"\[grid\] is missing or empty"),
     ('output-dir = "o"\n[grid]\nseed = 3\n', r"\['seed'\] must be non-empty lists"),
@@ -100,6 +113,8 @@ def test_an_experiment_file_is_a_grid_of_named_runs_over_shared_settings(tmp_pat
     ('output-dir = "o"\nrounds = 3\n[grid]\nseed = [1]\n', r"unknown keys \['rounds'\]"),
     ('output-dir = "o"\nnum-supernodes = 0\n[grid]\nseed = [1]\n', "must be integers >= 1"),
     ('output-dir = "o"\n[grid\n', "exp.toml"),
+    ('output-dir = "o"\n[[grid]]\nseed = [1]\n[[grid]]\n', r"\[grid\] is missing or empty"),
+    ('output-dir = "o"\n[base]\ndp = false\n[[grid]]\nseed = [1]\n[[grid]]\ndp = [true]\n', r"\['dp'\] are in both"),
 ])
 def test_a_bad_experiment_file_is_refused_naming_the_problem(tmp_path, text, message):
     with pytest.raises(sweep.ConfigError, match=message):
@@ -125,7 +140,7 @@ def test_a_checkpointed_run_resumes_a_failing_one_is_reported_and_the_table_is_t
 
     seen = {}
 
-    def fake_run(app, cfg, n, client_cpus=1, client_gpus=0.0, quiet=False):
+    def fake_run(app, cfg, n, client_cpus=1, client_gpus=0.0, quiet=False, ray_address=None):
         name = cfg.output_dir.rsplit("/", 1)[-1]
         seen[name] = cfg.resume
         if name.endswith("seed-1") and cfg.strategy == "ffa":
