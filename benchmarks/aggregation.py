@@ -6,10 +6,13 @@ size, float32 client tensors (the methods compute in float64 where they say so),
   steps     one `aggregate` of every strategy in `available_strategies()` on a fresh method
             (round 1: FedEx-LoRA and FLoRA start with no folded base-weight change D);
   folded    FedEx-LoRA and FLoRA at r = 16, K = 10 once D exists: factored at the largest rank that
-            is still factored (the costliest step: the re-compression of D right before it turns
-            dense; not at 8192, where one step takes minutes) and dense;
-  fedsvd    the FedSVD step against its floor (Σ p_k B_k, which every B-only method pays) and the
-            naive dense `torch.linalg.svd` of the m×n product that the official code runs (K = 10);
+            is still factored (the costliest factored step: the re-compression of D right before it
+            turns dense, `dense_is_cheaper`) and dense;
+  fedsvd    the FedSVD step in round 1 (peft's Kaiming A) and in later rounds (A orthonormal, the
+            previous round's Vᵀ) against a plain float32 weighted sum of the B's (one in-place
+            `add_` per client), against the float64-accumulated Σ p_k B_k every B-only method pays
+            (`weighted_average`), and against the naive dense `torch.linalg.svd` of the m×n product
+            that the official code runs (K = 10);
   lorafair  LoRA-FAIR's Gram-form solver against the dense one of benchmarks/lorafair.py (ΔW formed
             as an m×n matrix, autograd), the same Adam schedule for the same 50 steps, float64.
 
@@ -23,8 +26,9 @@ Times are medians of repeats after that first call (which doubles as the warm-up
 more than 1 s runs 3 times in all, the first included, and one that takes more than 10 s only once.
 The dense references at 8192² run at r = 16, K = 10 only.
 
-Targets: FedSVD at 4096², r = 16: naive / FedSVD ≥ 1000× and FedSVD − floor ≤ 2 ms; LoRA-FAIR at
-4096², r = 16, K = 10: dense / Gram ≥ 100× and the Gram form's peak far below one m×n matrix.
+Targets: FedSVD at 4096², r = 16, K = 10: naive / FedSVD ≥ 1000×, FedSVD − floor ≤ 2 ms, and a
+later round's FedSVD step within 4× of the plain float32 sum; LoRA-FAIR at 4096², r = 16, K = 10:
+dense / Gram ≥ 100× and the Gram form's peak far below one m×n matrix.
 
     python benchmarks/aggregation.py [--quick] [--out benchmarks/results/aggregation.json]
 
@@ -55,6 +59,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fedlora.strategies import available_strategies, get_method, normalized_weights, refactorize, weighted_average
+from fedlora.strategies.lowrank import dense_is_cheaper
 
 __all__ = ["cpu_model", "in_fresh_process", "log", "machine_info", "time_ms"]
 
@@ -62,15 +67,17 @@ THREADS = 2
 SIZES = (1024, 4096, 8192)
 RANKS = (8, 16)
 CLIENTS = (3, 10)
-BIG = 8192  # from this size on: dense references at (r, K) = FULL only, no near-switch FedEx/FLoRA step
+BIG = 8192  # from this size on: dense references at (r, K) = FULL only
 FULL = (16, 10)  # (r, K) of the targets and of the one-off runs
 FAIR_STEPS = 50
 ALPHA = 16.0
 LAYER = "layer"
 SLOW_MS = 1_000.0  # a first call slower than this: 3 calls in all, the first included
 VERY_SLOW_MS = 10_000.0  # slower than this: that first call is the only one
-TARGET_FEDSVD = {"m": 4096, "r": 16, "speedup": 1000.0, "overhead_ms": 2.0}
+TARGET_FEDSVD = {"m": 4096, "r": 16, "speedup": 1000.0, "overhead_ms": 2.0, "ratio_to_float32_sum": 4.0}
 TARGET_FAIR = {"m": 4096, "r": 16, "K": 10, "speedup": 100.0}
+#: columns a round folds into D at rank r with K clients: FedEx the K B_k A_k and −B̄Ā, FLoRA the K products
+FOLDED_COLUMNS = {"fedex": lambda r, k: (k + 1) * r, "flora": lambda r, k: k * r}
 
 
 def log(msg: str) -> None:
@@ -147,11 +154,20 @@ def uplinks(method, state, clients) -> list[dict[str, torch.Tensor]]:
     return [{key: c[key] for key in method.uplink_keys(state)} for c in clients]
 
 
-def folded_state(m: int, form: str) -> dict[str, Any]:
+def largest_factored_rank(m: int, columns: int) -> int | None:
+    """The largest rank of an m×m D that is still re-compressed when `columns` more arrive (None:
+    at this size D is dense from the first round on)."""
+    return next((q for q in range(m, -1, -1) if not dense_is_cheaper(m, m, q, columns)), None)
+
+
+def folded_state(m: int, form: str, columns: int) -> dict[str, Any]:
     """A FedEx-LoRA / FLoRA `state_dict` whose layer already has a base-weight change D: `factored`
-    at the largest rank q that BaseDelta still keeps factored (q(m + n) < mn), or `dense`."""
+    at the largest rank q that BaseDelta still re-compresses when `columns` more arrive, or `dense`."""
     g = torch.Generator().manual_seed(1)
-    q = (m * m - 1) // (2 * m)
+    q = largest_factored_rank(m, columns)
+    if q is None:  # no factored form at this size; a dense D of any rank will do
+        assert form == "dense", f"D is never factored at {m}×{m} with {columns} new columns"
+        q = 1
     u = torch.randn(m, q, generator=g, dtype=torch.float64) * 1e-3
     v = torch.randn(q, m, generator=g, dtype=torch.float64)
     delta = {"shape": (m, m), "U": u, "V": v, "dense": None}
@@ -184,13 +200,14 @@ def _setup_folded(task: Task) -> Callable[[], object]:
     state, clients, weights = make_inputs(task.m, task.r, task.k)
     updates = uplinks(get_method(name), state, clients)
     method = get_method(name, {"lora-alpha": ALPHA})
-    method.load_state_dict(folded_state(task.m, form))
+    columns = FOLDED_COLUMNS[name](task.r, task.k)
+    method.load_state_dict(folded_state(task.m, form, columns))
     if form == "dense":  # every call adds to D and D stays dense: the same work each time
         return lambda: method.aggregate(state, updates, weights)
 
     def step():  # the factored D turns dense in this step: each call starts again from the factored one
         fresh = get_method(name, {"lora-alpha": ALPHA})
-        fresh.load_state_dict(folded_state(task.m, form))
+        fresh.load_state_dict(folded_state(task.m, form, columns))
         return fresh.aggregate(state, updates, weights)
 
     return step
@@ -204,6 +221,27 @@ def _b_only(task: Task):
 def _setup_floor(task: Task) -> Callable[[], object]:
     _, updates, weights = _b_only(task)
     return lambda: weighted_average(updates, weights)
+
+
+def float32_sum(updates, weights) -> torch.Tensor:
+    """Σ p_k B_k in float32, one in-place add per client: the least any B-only server can do."""
+    bs = [u[f"{LAYER}.lora_B"] for u in updates]
+    acc = torch.zeros_like(bs[0])
+    for w, b in zip(weights.tolist(), bs):
+        acc.add_(b, alpha=w)
+    return acc
+
+
+def _setup_sum32(task: Task) -> Callable[[], object]:
+    _, updates, weights = _b_only(task)
+    return lambda: float32_sum(updates, weights)
+
+
+def _setup_later(task: Task) -> Callable[[], object]:
+    """A FedSVD step after round 1: the global A is the previous step's orthonormal Vᵀ."""
+    state, updates, weights = _b_only(task)
+    state = get_method("fedsvd").aggregate(state, updates, weights)
+    return lambda: get_method("fedsvd").aggregate(state, updates, weights)
 
 
 def _setup_refactorize(task: Task) -> Callable[[], object]:
@@ -242,7 +280,7 @@ def _setup_fair(task: Task) -> Callable[[], object]:
 
 SETUPS: dict[str, Callable[[Task], Callable[[], object]]] = {
     "step": _setup_step, "folded": _setup_folded, "floor": _setup_floor, "refactorize": _setup_refactorize,
-    "naive": _setup_naive, "fair-gram": _setup_fair, "fair-dense": _setup_fair,
+    "sum32": _setup_sum32, "fedsvd-later": _setup_later, "naive": _setup_naive, "fair-gram": _setup_fair, "fair-dense": _setup_fair,
 }
 
 
@@ -290,7 +328,8 @@ def _naive_error(task: Task) -> dict[str, float]:
 
 def _child(task: Task, queue) -> None:
     torch.set_num_threads(THREADS)
-    SETUPS[task.kind](task._replace(m=64))()  # warm-up: LAPACK and thread-pool set-up are not the step's
+    # warm-up: LAPACK and thread-pool set-up are not the step's (a 64×64 D is never factored)
+    SETUPS[task.kind](task._replace(m=64, option=task.option.replace(":factored", ":dense")))()
     fn = SETUPS[task.kind](task)
     out, first_ms, peak_mib, how = first_call(fn)
     if first_ms > SLOW_MS:
@@ -346,11 +385,13 @@ def plan(sizes: tuple[int, ...]) -> list[Task]:
     r, k = FULL
     for m in sizes:
         for name in ("fedex", "flora"):
-            forms = ("factored", "dense") if m < BIG else ("dense",)
-            tasks += [Task("folded", m, r, k, f"{name}:{form}") for form in forms]
+            factored = largest_factored_rank(m, FOLDED_COLUMNS[name](r, k)) is not None
+            tasks += [Task("folded", m, r, k, f"{name}:{form}") for form in ("factored", "dense")
+                      if form == "dense" or factored]
         for rank in RANKS:
+            tasks += [Task(kind, m, rank, k) for kind in ("sum32", "floor", "fedsvd-later", "refactorize")]
             if m < BIG or rank == r:
-                tasks += [Task(kind, m, rank, k) for kind in ("floor", "refactorize", "naive")]
+                tasks.append(Task("naive", m, rank, k))
         for rank, clients in ((rk, kk) for rk in RANKS for kk in CLIENTS):
             if m < BIG or (rank, clients) == FULL:
                 tasks += [Task(kind, m, rank, clients) for kind in ("fair-gram", "fair-dense")]
@@ -397,27 +438,35 @@ def folded_table(rows: list[dict], sizes) -> str:
 
 
 def fedsvd_table(rows: list[dict], sizes) -> tuple[str, list[dict]]:
-    out = ["| m = n | r | floor: Σ p_k B_k (ms) | FedSVD step (ms) | refactorize alone (ms) | naive dense SVD (ms) "
-           "| speed-up naive/FedSVD | overhead FedSVD − floor (ms) | FedSVD peak extra (MiB) | naive peak extra (MiB) |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| m = n | r | float32 Σ p_k B_k (ms) | floor: `weighted_average` (ms) | FedSVD round 1 (ms) "
+           "| FedSVD later rounds (ms) | later / float32 sum | refactorize alone, round 1 (ms) | naive dense SVD (ms) "
+           "| speed-up naive/FedSVD round 1 | FedSVD round 1 − floor (ms) | FedSVD peak extra (MiB) | naive peak extra (MiB) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = []
     k = FULL[1]
     for m in sizes:
         for r in RANKS:
-            naive = _find(rows, kind="naive", m=m, r=r)
-            if naive is None:
-                continue
             floor, refac = _find(rows, kind="floor", m=m, r=r), _find(rows, kind="refactorize", m=m, r=r)
+            sum32, later = _find(rows, kind="sum32", m=m, r=r), _find(rows, kind="fedsvd-later", m=m, r=r)
             step = _find(rows, kind="step", m=m, r=r, k=k, option="fedsvd")
-            row = {"m": m, "r": r, "K": k, "floor_ms": floor["median_ms"], "fedsvd_ms": step["median_ms"],
-                   "refactorize_ms": refac["median_ms"], "naive_ms": naive["median_ms"],
-                   "naive_repeats": naive["repeats"], "speedup": naive["median_ms"] / step["median_ms"],
-                   "overhead_ms": step["median_ms"] - floor["median_ms"],
-                   "relative_product_error_vs_naive": naive["relative_product_error_vs_naive"]}
+            naive = _find(rows, kind="naive", m=m, r=r)
+            if None in (floor, refac, sum32, later, step):
+                continue
+            row = {"m": m, "r": r, "K": k, "float32_sum_ms": sum32["median_ms"], "floor_ms": floor["median_ms"],
+                   "fedsvd_ms": step["median_ms"], "fedsvd_later_ms": later["median_ms"],
+                   "later_over_float32_sum": later["median_ms"] / sum32["median_ms"],
+                   "refactorize_ms": refac["median_ms"], "overhead_ms": step["median_ms"] - floor["median_ms"]}
+            if naive is not None:
+                row.update({"naive_ms": naive["median_ms"], "naive_repeats": naive["repeats"],
+                            "speedup": naive["median_ms"] / step["median_ms"],
+                            "relative_product_error_vs_naive": naive["relative_product_error_vs_naive"]})
             summary.append(row)
-            out.append(f"| {m} | {r} | {row['floor_ms']:.3f} | {row['fedsvd_ms']:.3f} | {row['refactorize_ms']:.3f} "
-                       f"| {row['naive_ms']:,.1f} (×{row['naive_repeats']}) | {row['speedup']:,.0f}× "
-                       f"| {row['overhead_ms']:.3f} | {step['peak_extra_mib']:.1f} | {naive['peak_extra_mib']:.0f} |")
+            naive_cells = (f"{row['naive_ms']:,.1f} (×{row['naive_repeats']}) | {row['speedup']:,.0f}×"
+                           if naive is not None else "– | –")
+            out.append(f"| {m} | {r} | {row['float32_sum_ms']:.3f} | {row['floor_ms']:.3f} | {row['fedsvd_ms']:.3f} "
+                       f"| {row['fedsvd_later_ms']:.3f} | {row['later_over_float32_sum']:.1f}× | {row['refactorize_ms']:.3f} "
+                       f"| {naive_cells} | {row['overhead_ms']:.3f} | {step['peak_extra_mib']:.1f} "
+                       f"| {naive['peak_extra_mib'] if naive else float('nan'):.0f} |")
     return "\n".join(out), summary
 
 
@@ -448,7 +497,9 @@ def check_targets(fedsvd: list[dict], fair: list[dict]) -> dict[str, Any]:
     row = _find(fedsvd, m=t["m"], r=t["r"])
     if row:
         out["fedsvd"] = {"target": t, "speedup": row["speedup"], "speedup_met": row["speedup"] >= t["speedup"],
-                         "overhead_ms": row["overhead_ms"], "overhead_met": row["overhead_ms"] <= t["overhead_ms"]}
+                         "overhead_ms": row["overhead_ms"], "overhead_met": row["overhead_ms"] <= t["overhead_ms"],
+                         "later_over_float32_sum": row["later_over_float32_sum"],
+                         "ratio_met": row["later_over_float32_sum"] <= t["ratio_to_float32_sum"]}
     row = _find(fair, m=f["m"], r=f["r"], K=f["K"])
     if row:
         out["lorafair"] = {"target": f, "speedup": row["speedup"], "speedup_met": row["speedup"] >= f["speedup"],

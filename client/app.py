@@ -205,8 +205,10 @@ def train(msg: Message, context: Context) -> Message:
             if dp is None:
                 return _log_sent(cfg, site, msg, context, _refuse(
                     msg, f"client {site.partition_id}: {why_not}", epsilon=ledger.epsilon_of(job, cfg.target_delta)))
+        started = time.perf_counter()
         losses = train_local(bundle, data.train, cfg, method.trainable_keys(bundle.params),
                              seed=(cfg.seed, server_round, site.partition_id), dp=dp)
+        seconds = time.perf_counter() - started
         trained = {k: bundle.params[k].detach().cpu().clone() for k in method.trainable_keys(bundle.params)}
         kept = _must_keep(method, {**from_record(context.state[_KEPT]), **trained})  # FedSA's B: its own now
         context.state[_KEPT] = to_record(kept)
@@ -222,8 +224,9 @@ def train(msg: Message, context: Context) -> Message:
             metrics["epsilon"] = ledger.epsilon_of(job, cfg.target_delta)
             ledger.save(site.ledger_file(cfg))
             context.state[_LEDGER] = ConfigRecord({"json": json.dumps(ledger.state_dict())})
-        else:  # under DP the loss on private records would be an unprotected release
-            metrics["train-loss"] = float(np.nanmean(losses))
+        else:  # under DP the loss on private records would be an unprotected release, and so would
+            # the time: it follows the Poisson batches' sizes, which the accountant takes as secret
+            metrics["train-loss"], metrics["train-seconds"] = float(np.nanmean(losses)), seconds
     return _log_sent(cfg, site, msg, context, Message(
         RecordDict({"arrays": to_record(uplink), "metrics": MetricRecord(metrics)}), reply_to=msg))
 
@@ -305,6 +308,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             save_adapter(bundle, Path(export_dir) / str(site.partition_id), cfg.to_run_config())
     if not allowed:
         return _log_sent(cfg, site, msg, context, refusal)
+    started = time.perf_counter()
     result = evaluate(bundle, data.test, cfg)
     metrics = {"num-examples": len(data.test), "accuracy": result["accuracy"], "loss": result["loss"]}
     # The global test data is the simulation's (a shared dataset's split, or a file every virtual
@@ -312,4 +316,5 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     if final_personal and not site.site_dir and (test := server_test(cfg)) is not None:
         on_global = evaluate(bundle, test, cfg)
         metrics.update({"global-accuracy": on_global["accuracy"], "global-loss": on_global["loss"]})
+    metrics["eval-seconds"] = time.perf_counter() - started
     return _log_sent(cfg, site, msg, context, Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))

@@ -295,7 +295,9 @@ class _Server:
             row.update(_personalized_names(client_metrics) if self.method.personalized else client_metrics)
             row["eval_rejected"] = rejection_counts(self.strategy.eval_rejections)
         load_state(self.bundle, from_record(self.arrays))
+        started = time.perf_counter()
         row.update(self.evaluate())
+        row["server_eval_seconds"] = time.perf_counter() - started
 
 
 def _evaluation(cfg: RunConfig, server_has_data: bool) -> str:

@@ -234,7 +234,9 @@ def write_results(root: Path, runs: Sequence[SweepRun], grid_keys: Sequence[str]
     """`<root>/results.csv`: one row per run and round of every run that has rows, tidy: the run's
     name, its grid values, how it ended, the round and that round's metrics."""
     metric_keys = ("test_accuracy", "test_loss", "train_loss", "personalized_accuracy", "num_clients",
-                   "num_rejected", "epsilon_max", "epsilon_mean", "bytes_up", "bytes_down", "seconds", "skipped")
+                   "num_rejected", "epsilon_max", "epsilon_mean", "bytes_up", "bytes_down", "seconds",
+                   "client_train_seconds", "client_eval_seconds", "server_eval_seconds", "fair_cos_before",
+                   "fair_cos_after", "skipped")
     table = []
     for run in runs:
         out = Path(root) / run.name

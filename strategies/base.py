@@ -108,7 +108,8 @@ def weighted_average(updates: Sequence[Mapping[str, torch.Tensor]], weights: tor
                              "cannot average mixed LoRA ranks")
         acc = torch.zeros(updates[0][key].shape, dtype=torch.float64)
         for w, u in zip(weights.tolist(), updates):
-            acc += w * u[key].to(torch.float64)
+            # in place, u cast on the fly: no float64 temporaries per client (BENCHMARKS.md, 8192×16)
+            acc.add_(u[key], alpha=w)
         out[key] = acc.to(updates[0][key].dtype)
     return out
 

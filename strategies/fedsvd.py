@@ -11,7 +11,8 @@ peft's Kaiming A, as the official code does.
 The official code runs a dense SVD of the m×n product: O(mn·min(m, n)) time and O(mn) memory.
 `refactorize` gives the same factors from two thin QRs and an r×r SVD, O((m+n)r²), never forming
 m×n (shared/notes/algorithms.md §4):  Aᵀ = Q_A R_A,  B̄ = Q_B R_B,  R_B R_Aᵀ = U_c Σ V_cᵀ  ⇒
-B̄A = (Q_B U_c) Σ (Q_A V_c)ᵀ.
+B̄A = (Q_B U_c) Σ (Q_A V_c)ᵀ. From the second round on A has orthonormal rows (it is the previous
+round's Vᵀ) and the eigenvectors W of the r×r Gram B̄ᵀB̄ suffice: B̄A = (B̄W)(WᵀA), no QR at all.
 """
 
 from __future__ import annotations
@@ -40,8 +41,18 @@ def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if r > min(m, n):
         raise ValueError(f"rank {r} exceeds the layer size {m}×{n}")
     dtype = B.dtype
-    u, s, new_a = product_svd(B, A)  # new A: r×n, orthonormal rows
-    new_b = u * s  # m×r, = U Σ
+    a64 = A.to(torch.float64)
+    gram_a = a64 @ a64.T
+    if float((gram_a - torch.eye(r, dtype=torch.float64)).abs().max()) <= 64 * torch.finfo(A.dtype).eps:
+        # Every round after the first, A came out of this function: with orthonormal rows, B̄ = U Σ Wᵀ
+        # makes B̄A = U Σ (WᵀA) an SVD already, and W comes from the r×r Gram B̄ᵀB̄. Three thin
+        # products and an r×r eigh instead of two QRs; the product is kept exactly (W is orthogonal).
+        b64 = B.to(torch.float64)
+        w = torch.linalg.eigh(b64.T @ b64).eigenvectors.flip(1)  # singular values descending
+        new_b, new_a = b64 @ w, w.T @ a64
+    else:
+        u, s, new_a = product_svd(B, A)  # new A: r×n, orthonormal rows
+        new_b = u * s  # m×r, = U Σ
     pivot = new_a.abs().argmax(dim=1)
     sign = torch.sign(new_a.gather(1, pivot[:, None])).squeeze(1)
     return (new_b * sign).to(dtype), (new_a * sign[:, None]).to(A.dtype)

@@ -194,6 +194,7 @@ class LoraStrategy(Strategy):
             sent = self._sent[pid]
             expected = self.method.uplink_keys(sent)
             metrics = reply.content["metrics"]
+            self._client_seconds += float(metrics.get("train-seconds", 0.0))
             if "epsilon" in metrics:
                 self.epsilon[pid] = float(metrics["epsilon"])
             if "site-epsilon" in metrics:  # the site's lifetime spend, all its jobs together
@@ -239,7 +240,7 @@ class LoraStrategy(Strategy):
         Returns no arrays when no reply can be used (refusals, dropped or missing replies): the
         global state stays as it was, and `self.rejected` says why each reply was dropped.
         """
-        self._refused_now = 0
+        self._refused_now, self._client_seconds = 0, 0.0
         ok = self._valid_updates(replies)
         for reason in self.rejected:
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
@@ -252,7 +253,9 @@ class LoraStrategy(Strategy):
         self.trained = [pid for pid, *_ in ok]
         for pid in self.trained:
             self.participations[pid] = self.participations.get(pid, 0) + 1
-        counts = {"num_clients": len(ok), "num_rejected": len(self.rejections), "bytes_down": self._bytes_down}
+        counts = {"num_clients": len(ok), "num_rejected": len(self.rejections), "bytes_down": self._bytes_down,
+                  # the replies' own training time, summed: the rest of a round is the harness's
+                  "client_train_seconds": self._client_seconds}
         if not ok:
             return None, MetricRecord({**counts, "bytes_up": 0})
         weights = normalized_weights([n for _, _, n, _ in ok])
@@ -299,6 +302,8 @@ class LoraStrategy(Strategy):
         """
         got, rejected = self._received(replies)
         rows = []
+        seconds = sum(float(reply.content["metrics"].get("eval-seconds", 0.0)) for _, reply in got
+                      if "metrics" in reply.content)
         for pid, reply in got:
             if "refusal" in reply.content:  # the site does not let its local metrics leave it
                 rejected.append((pid, f"refused: {reply.content['refusal']['reason']}"))
@@ -310,9 +315,10 @@ class LoraStrategy(Strategy):
         for reason in self.eval_rejected:
             log(WARNING, "round %d: dropped evaluation reply from %s", server_round, reason)
         if not rows:
-            return MetricRecord({"client_evaluated": 0, "client_eval_rejected": len(rejected)}) if rejected else None
+            return MetricRecord({"client_evaluated": 0, "client_eval_rejected": len(rejected),
+                                 "client_eval_seconds": seconds}) if rejected else None
         n = np.array([int(m["num-examples"]) for m in rows], dtype=np.float64)
-        out = {"client_evaluated": len(rows), "client_eval_rejected": len(rejected)}
+        out = {"client_evaluated": len(rows), "client_eval_rejected": len(rejected), "client_eval_seconds": seconds}
         for key in ("accuracy", "loss"):
             out[f"client_{key}"] = float(n @ np.array([float(m[key]) for m in rows]) / n.sum())
             if all(f"global-{key}" in m for m in rows):

@@ -15,7 +15,7 @@ import torch
 
 from .base import DELTA_SUFFIXES, LoraMethod, State, is_delta_key
 
-__all__ = ["BaseDelta", "FoldingMethod", "product_svd"]
+__all__ = ["BaseDelta", "FoldingMethod", "dense_is_cheaper", "product_svd"]
 
 
 def product_svd(U: torch.Tensor, V: torch.Tensor, *, drop_zeros: bool = False
@@ -39,12 +39,28 @@ def product_svd(U: torch.Tensor, V: torch.Tensor, *, drop_zeros: bool = False
     return left, s, right
 
 
+def dense_is_cheaper(m: int, n: int, q: int, k: int) -> bool:
+    """Is adding a rank-k term to an m×n sum of rank q cheaper dense than factored?
+
+    Dense: the m×k by k×n product, 2mnk flops. Factored: re-compressing q + k columns, two thin
+    QRs with their Q formed, ≈ 4(m+n)(q+k)² flops, the products with their factors, 2(m+n)(q+k)²,
+    and the (q+k)² SVD, ≈ 22(q+k)³ (Golub & Van Loan's counts). Both run at similar flop rates here
+    (BENCHMARKS.md, FedEx-LoRA and FLoRA). Whenever the factored form needs more memory than
+    dense, q(m+n) ≥ mn, it costs more too.
+    """
+    big_q = q + k
+    return 6 * (m + n) * big_q**2 + 22 * big_q**3 > 2 * m * n * k
+
+
 class BaseDelta:
     """The cumulative change D of one layer's frozen base weight (W = W0 + D), exact in float64.
 
-    Kept factored, D = U·V (m×q, q×n), and re-compressed to its numerical rank after every
-    addition, while q·(m+n) < m·n; from then on kept dense (m×n), which is then the smaller form.
-    `arrays` gives the form to send: the receiver adds it to its pristine W0.
+    Kept factored, D = U·V (m×q, q×n), re-compressed to its numerical rank after every addition,
+    while that costs fewer flops than adding densely (`dense_is_cheaper`); from then on kept dense
+    (m×n). The factored form is the smaller message while it lasts: at 4096×4096 with 160 new
+    columns a round it lasts one round, against twelve by memory alone, whose last
+    re-compressions took seconds each. `arrays` gives the form to send: the receiver adds it to
+    its pristine W0.
     """
 
     def __init__(self, m: int, n: int) -> None:
@@ -62,14 +78,14 @@ class BaseDelta:
         if U.shape[0] != self.m or V.shape[1] != self.n or U.shape[1] != V.shape[0]:
             raise ValueError(f"cannot add {tuple(U.shape)}·{tuple(V.shape)} to a {self.m}×{self.n} weight")
         U, V = U.to(torch.float64), V.to(torch.float64)
+        if self.dense is None and dense_is_cheaper(self.m, self.n, self.U.shape[1], U.shape[1]):
+            self.dense, self.U, self.V = self.U @ self.V, self.U[:, :0], self.V[:0]
         if self.dense is not None:
             self.dense = self.dense + U @ V  # not in place: a state_dict() taken earlier stays as it was
             return
         left, s, right = product_svd(torch.cat([self.U, U], dim=1), torch.cat([self.V, V], dim=0),
                                      drop_zeros=True)
         self.U, self.V = left * s, right
-        if self.U.shape[1] * (self.m + self.n) >= self.m * self.n:
-            self.dense, self.U, self.V = self.U @ self.V, self.U[:, :0], self.V[:0]
 
     def to_dense(self) -> torch.Tensor:
         return self.dense.clone() if self.dense is not None else self.U @ self.V

@@ -71,7 +71,9 @@ def _check_step(task, out, results: Results) -> None:
 
 
 def _check_folded(task, out, results: Results) -> None:
-    before = aggregation.folded_state(task.m, task.option.split(":")[1])["deltas"][aggregation.LAYER]
+    name, form = task.option.split(":")
+    before = aggregation.folded_state(task.m, form, aggregation.FOLDED_COLUMNS[name](task.r, task.k))
+    before = before["deltas"][aggregation.LAYER]
     d_before = before["dense"] if before["dense"] is not None else before["U"] @ before["V"]
     _assert_close(_model_change(out, task.r) - d_before, _clients_change(task))  # FedEx-LoRA, FLoRA: exact
 
@@ -79,6 +81,22 @@ def _check_folded(task, out, results: Results) -> None:
 def _check_floor(task, out, results: Results) -> None:
     _, updates, weights = aggregation._b_only(task)
     _assert_close(out[B_KEY], sum(p * u[B_KEY].double() for p, u in zip(weights.tolist(), updates)))
+
+
+def _check_sum32(task, out, results: Results) -> None:
+    _, updates, weights = aggregation._b_only(task)
+    _assert_close(out, sum(p * u[B_KEY].double() for p, u in zip(weights.tolist(), updates)))
+
+
+def _check_later(task, out, results: Results) -> None:
+    """A later FedSVD round: the product B̄A against the previous round's orthonormal A is kept, and
+    the new A is orthonormal again."""
+    state, updates, weights = aggregation._b_only(task)
+    previous = get_method("fedsvd").aggregate(state, updates, weights)
+    b_bar = sum(p * u[B_KEY].double() for p, u in zip(weights.tolist(), updates))
+    _assert_close(out[B_KEY].double() @ out[A_KEY].double(), b_bar @ previous[A_KEY].double())
+    a = out[A_KEY].double()
+    assert float((a @ a.T - torch.eye(task.r, dtype=torch.float64)).abs().max()) < 1e-5
 
 
 def _check_naive(task, out, results: Results) -> None:
@@ -103,7 +121,7 @@ def _check_fair(task, out, results: Results) -> None:
 
 CHECKS: dict[str, Callable[[aggregation.Task, object, Results], None]] = {
     "step": _check_step, "folded": _check_folded, "floor": _check_floor, "naive": _check_naive,
-    "refactorize": _check_refactorize, "fair-gram": _check_fair,
+    "refactorize": _check_refactorize, "sum32": _check_sum32, "fedsvd-later": _check_later, "fair-gram": _check_fair,
     "fair-dense": lambda task, out, results: None,  # checked against the Gram form by fair-gram
 }
 
@@ -217,3 +235,23 @@ def test_the_deployment_benchmark_summary_pairs_rounds_and_traffic():
     site1_round2 = [t for t in out["traffic_per_site_round"] if t["round"] == 2 and t["site"] == 1][0]
     assert (site1_round2["up_bytes"], site1_round2["down_bytes"], site1_round2["payload_up_bytes"]) == (1500, 2500, 100)
     assert out["wire_over_payload"] == (3 * (1000 + 2000 + 1500 + 2500)) / (6 * 300)
+
+
+def test_the_harness_share_is_what_the_work_inside_a_round_leaves():
+    import harness
+
+    rows = [{"round": 0, "seconds": 17.0},
+            {"round": 1, "seconds": 100.0, "client_train_seconds": 79.0, "server_eval_seconds": 18.0},
+            {"round": 2, "seconds": 50.0, "client_train_seconds": 30.0, "client_eval_seconds": 5.0,
+             "server_eval_seconds": 10.0}]
+    got = harness.overhead(rows)
+    assert [r["round"] for r in got] == [1, 2]  # round 0 trains nothing
+    assert [r["harness_seconds"] for r in got] == pytest.approx([3.0, 5.0])
+    assert [r["harness_share"] for r in got] == pytest.approx([0.03, 0.10])
+
+
+def test_the_page_fault_benchmark_times_two_ways_of_one_sum():
+    import page_faults
+
+    updates, weights = [torch.randn(64, 4) for _ in range(3)], [0.2, 0.3, 0.5]
+    torch.testing.assert_close(page_faults.before(updates, weights), page_faults.now(updates, weights))

@@ -32,7 +32,7 @@ import torch
 from fedlora.strategies import ClientSpec, LoraMethod, available_strategies, get_method, normalized_weights
 from fedlora.strategies.base import A_SUFFIX, B_SUFFIX, HEAD_PREFIX, State, is_delta_key, layer_names
 from fedlora.strategies.lorafair import FairProblem
-from fedlora.strategies.lowrank import BaseDelta, product_svd
+from fedlora.strategies.lowrank import BaseDelta, dense_is_cheaper, product_svd
 
 F64 = torch.float64
 LAYERS = {"enc.0.query": (24, 20), "enc.0.value": (40, 36)}  # name: (m, n)
@@ -367,7 +367,9 @@ def test_model_update_matches_the_dense_reference(case: Case):
 @pytest.mark.parametrize("case", _params())
 def test_base_delta_is_exact_and_sent_in_its_smaller_form(case: Case):
     """The folded change D (float64 on the server) travels in the state: factored U·V (m×q, q×n, q its
-    numerical rank) while q(m+n) < mn, dense from then on; nothing for methods that keep W0."""
+    numerical rank) while re-compressing is cheaper than adding densely (`dense_is_cheaper`, checked
+    exactly in test_base_delta_against_a_dense_sum), dense from then on, and never factored when that
+    is the bigger form; nothing for methods that keep W0."""
     method = _method(case)
     dense_since: dict[str, int] = {}
     for t, rnd in enumerate(simulate(case.id)):
@@ -378,16 +380,15 @@ def test_base_delta_is_exact_and_sent_in_its_smaller_form(case: Case):
             d = rnd.delta_after[layer]
             assert _rel(_state_delta(rnd.after, layer), d) < EXACT_TOL  # float32 arrays of the float64 D
             q = int(torch.linalg.matrix_rank(d))
-            if q * (m + n) >= m * n:
-                dense_since.setdefault(layer, t)
             keys = sorted(k for k in _keys(rnd.after, "D") if k.startswith(layer + "."))
-            if layer in dense_since:
-                assert keys == [layer + ".base_delta"] and rnd.after[keys[0]].shape == (m, n)
+            if keys == [layer + ".base_delta"]:
+                assert rnd.after[keys[0]].shape == (m, n)
+                dense_since.setdefault(layer, t)
             else:
+                assert layer not in dense_since, f"{layer} went back to factored in round {t}"
                 assert keys == [layer + ".base_delta_U", layer + ".base_delta_V"]
                 assert rnd.after[keys[0]].shape == (m, q) and rnd.after[keys[1]].shape == (q, n)
-    if case.id == "fedex":  # the sizes are picked so that a switch happens after a factored round
-        assert any(t > 0 for t in dense_since.values()), dense_since
+                assert q * (m + n) < m * n
 
 
 def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -548,29 +549,46 @@ def test_product_svd_rejects_mismatched_factors():
 
 
 def test_base_delta_against_a_dense_sum():
-    """24×20 (mn = 480, m+n = 44): factored up to rank 10, dense from rank 11 on; cancellations shrink it."""
-    m, n = 24, 20
+    """240×240, 8 columns added per step (dense: 2mnk = 922k flops): factored while re-compressing
+    q + 8 columns costs less, 6(m+n)(q+8)² + 22(q+8)³ flops (q + 8 ≤ 17), dense from then on;
+    cancellations shrink the rank, and with it the next step's cost."""
+    m, n = 240, 240
     delta, dense = BaseDelta(m, n), torch.zeros(m, n, dtype=F64)
     assert delta.rank == 0 and delta.arrays("l", torch.float32) == {}
     x = _low_rank(m, n, 3, 10)
-    steps = [(x, 3), (_low_rank(m, n, 4, 11), 7), (-x, 4), (_low_rank(m, n, 6, 12), 10), (_low_rank(m, n, 1, 13), 11)]
-    for i, (add, rank) in enumerate(steps):
+    # (added, rank of the sum, factored?): q + 8 = 8, 11, 15, 12 stay factored; 10 + 8 = 18 does not
+    steps = [(x, 3, True), (_low_rank(m, n, 4, 11), 7, True), (-x, 4, True), (_low_rank(m, n, 6, 12), 10, True),
+             (_low_rank(m, n, 1, 13), 11, False), (_low_rank(m, n, 2, 14), 13, False)]
+    for i, (add, rank, factored) in enumerate(steps):
+        assert dense_is_cheaper(m, n, delta.rank, 8) is not factored, i
         u, s, vh = torch.linalg.svd(add)  # any factorisation will do; a redundant one on purpose
         delta.add(u[:, :8] * s[:8], vh[:8])
         dense += add
         assert _rel(delta.to_dense(), dense) < 1e-12, i
-        if rank * (m + n) < m * n:
+        if factored:
             assert delta.rank == rank and delta.dense is None, i
             arrays = delta.arrays("l", torch.float32)
             assert {k: tuple(v.shape) for k, v in arrays.items()} == {"l.base_delta_U": (m, rank),
                                                                       "l.base_delta_V": (rank, n)}
-        else:  # dense from here on, even if a later sum had a lower rank again
+        else:  # dense from here on
             assert delta.dense is not None and delta.rank == min(m, n), i
             assert list(delta.arrays("l", torch.float32)) == ["l.base_delta"]
         assert _rel(_state_delta(delta.arrays("l", torch.float32), "l"), dense) < 1e-6
 
     with pytest.raises(ValueError, match="cannot add"):
         delta.add(torch.zeros(m + 1, 2), torch.zeros(2, n))
+
+
+def test_the_switch_to_dense_comes_before_the_factored_form_costs_more():
+    """At 4096² with 160 columns a round (r = 16, K = 10): factored for one round; by memory alone
+    (q(m+n) < mn) it would have been twelve. Whenever the factored form is bigger, it is dearer."""
+    assert [dense_is_cheaper(4096, 4096, q, 160) for q in (0, 160, 1920)] == [False, True, True]
+    assert not any(dense_is_cheaper(4096, 4096, q, 160) for q in range(0, 140))
+    for m, n, k in ((384, 384, 80), (4096, 4096, 160), (24, 20, 3), (4096, 1024, 8)):
+        for q in range(0, min(m, n) + 1, max(1, min(m, n) // 64)):
+            if q * (m + n) >= m * n:
+                assert dense_is_cheaper(m, n, q, k), (m, n, q, k)
+
 
 
 @pytest.mark.parametrize("rank", [3, 15], ids=["factored", "dense"])

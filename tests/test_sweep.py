@@ -164,3 +164,15 @@ def test_a_checkpointed_run_resumes_a_failing_one_is_reported_and_the_table_is_t
     assert [(r["strategy"], r["seed"], r["round"]) for r in table if r["run"] == runs[2].name] == [
         ("ffa", "0", "0"), ("ffa", "0", "1"), ("ffa", "0", "2")]
     assert all(r["state"] == "completed" and r["test_accuracy"] for r in table)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "simulations" / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_every_checked_in_experiment_resolves_every_cell(path):
+    """What `fedlora sweep simulations/experiments/<file>` checks before its first run (EXPERIMENTS.md)."""
+    exp = sweep.Experiment.from_toml(path)
+    assert exp.root.is_relative_to(REPO / "outputs")  # run folders stay out of the app bundle
+    runs = exp.runs()
+    assert runs and len({r.name for r in runs}) == len(runs)
+    for run in runs:
+        cfg = sweep.resolve_config(REPO, {**run.overrides, "output-dir": str(exp.root / run.name)})
+        cfg.check_federation(exp.num_supernodes)
