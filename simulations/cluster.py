@@ -31,12 +31,14 @@ _TIMEOUT = 120.0  # seconds for all nodes to answer the check (a worker may have
 
 
 def ray_address(requested: str | None) -> str:
-    """The Ray the simulation uses: `--ray-address`, else `RAY_ADDRESS`, else a private local one."""
+    """The Ray the simulation uses: `--ray-address`, else `RAY_ADDRESS`, else a private local one
+    ("local"). As in Ray, "auto" is the cluster that `ray start` runs on this machine."""
     address = (requested or os.environ.get("RAY_ADDRESS") or LOCAL).strip()
-    if address != LOCAL and (":" not in address or not address.rsplit(":", 1)[1].isdigit()) \
+    if address not in (LOCAL, "auto") and (":" not in address or not address.rsplit(":", 1)[1].isdigit()) \
             and not address.startswith("ray://"):
         raise ConfigError(f"--ray-address={address!r} is not HOST:PORT (the head's GCS address, as "
-                          "`ray start --head --port PORT` prints it) or 'local'")
+                          "`ray start --head --port PORT` prints it), 'auto' (the cluster `ray start` "
+                          "runs on this machine) or 'local'")
     return address
 
 

@@ -88,10 +88,7 @@ def load_groups(folder: Path) -> list[Group]:
         status = read_status(path)
         if status is not None and not status.finished:
             continue  # running or failed: its numbers are not final
-        cfg = json.loads((path / "run_config.json").read_text())
-        if not cfg.get("dp"):
-            cfg = {k: v for k, v in cfg.items() if k not in _DP_ONLY}
-        runs.append((cfg, read_rows(path)))
+        runs.append((_settings(json.loads((path / "run_config.json").read_text())), read_rows(path)))
     if not runs:
         raise ValueError(f"{folder}: no finished run (a folder with metrics.jsonl and run_config.json)")
     varying = sorted(k for k in set().union(*(cfg for cfg, _ in runs)) - _NOT_A_SETTING
@@ -102,6 +99,21 @@ def load_groups(folder: Path) -> list[Group]:
         group = groups.setdefault(label, Group(label, {}, bool(cfg.get("dp")), {k: cfg.get(k) for k in varying}))
         group.runs[int(cfg.get("seed", 0))] = rows
     return list(groups.values())
+
+
+def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run's config as settings to compare: without the DP keys of a non-private run, and with
+    "default" where a value is its strategy's default (learning-rate = "auto" resolves to 1.0 for
+    FedSVD and 0.3 for FedIT: the two runs differ in strategy, not also in learning rate)."""
+    from fedlora.strategies import method_class
+
+    if not cfg.get("dp"):
+        cfg = {k: v for k, v in cfg.items() if k not in _DP_ONLY}
+    try:
+        defaults = method_class(str(cfg.get("strategy"))).defaults
+    except ValueError:
+        defaults = {}
+    return {k: "default" if k in defaults and v == defaults[k] else v for k, v in cfg.items()}
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | None, float | None]:

@@ -49,7 +49,7 @@ def test_the_ray_a_run_uses_is_the_flag_then_the_environment_then_a_private_one(
     assert cluster.ray_address(None) == "local"  # never a cluster found by chance in /tmp/ray
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert cluster.ray_address(None) == "10.0.0.1:6379"
-    assert cluster.ray_address("10.0.0.2:6380") == "10.0.0.2:6380"
+    assert cluster.ray_address("10.0.0.2:6380") == "10.0.0.2:6380" and cluster.ray_address("auto") == "auto"
     with pytest.raises(ConfigError, match="not HOST:PORT"):
         cluster.ray_address("10.0.0.2")
 

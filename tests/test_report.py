@@ -97,3 +97,16 @@ def test_pairs_differ_in_one_setting_and_a_non_private_runs_budget_is_not_a_sett
 def test_a_folder_without_runs_is_refused(tmp_path, capsys):
     assert cli(["report", str(tmp_path)]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_a_strategys_default_learning_rate_is_not_a_setting_of_its_own(tmp_path):
+    for seed in range(2):
+        _run(tmp_path, "fedsvd", seed, 0.6, **{"learning-rate": 1.0})  # "auto" resolves per strategy
+        _run(tmp_path, "fedit", seed, 0.5, **{"learning-rate": 0.3})
+        _run(tmp_path, "fedit", seed, 0.55, **{"learning-rate": 1.0})  # chosen: a setting
+    labels = {g.label for g in load_groups(tmp_path)}
+    assert labels == {"learning-rate=default, strategy=fedsvd", "learning-rate=default, strategy=fedit",
+                      "learning-rate=1.0, strategy=fedit"}
+    report = (write_report(tmp_path) / "report.md").read_text()
+    assert "| learning-rate=default, strategy=fedsvd | learning-rate=default, strategy=fedit | 2 |" in report \
+        or "| learning-rate=default, strategy=fedit | learning-rate=default, strategy=fedsvd | 2 |" in report
