@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,19 +28,12 @@ from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.version import VERSION
 from fedlora.simulations import cluster
 from fedlora.simulations.runner import _children, _free_port
+from docblocks import doc_blocks
 from processes import Tracker, cmdline
 from synthetic import write_csv
 
 DOC = REPO / "docs" / "cluster.md"
-MARKED = re.compile(r"<!-- test: ([\w-]+)[^>]*-->\n```bash\n(.*?)\n```", re.S)
 BIN = Path(sys.executable).parent
-
-
-def doc_blocks() -> dict[str, str]:
-    text = DOC.read_text()
-    blocks = dict(MARKED.findall(text))
-    assert len(blocks) == text.count("```bash"), "every ```bash block of the doc needs a `<!-- test: NAME -->` marker"
-    return blocks
 
 
 def test_the_ray_a_run_uses_is_the_flag_then_the_environment_then_a_private_one(monkeypatch):
@@ -71,7 +63,7 @@ def test_a_node_names_each_path_it_cannot_use(tmp_path, tiny_model_dir, tiny_csv
 
 @pytest.mark.slow
 def test_the_docs_cluster_runs_a_job_with_clients_on_both_nodes(tmp_path, tiny_model_dir):
-    blocks = doc_blocks()
+    blocks = doc_blocks(DOC)
     assert set(blocks) == {"head", "node", "run"}
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
     port = _free_port()

@@ -37,25 +37,18 @@ from safetensors.torch import load_file
 from conftest import REPO
 from fedlora.core.version import VERSION
 from fedlora.simulations.runner import _free_port
+from docblocks import doc_blocks
 from processes import Tracker
 
 pytestmark = pytest.mark.slow
 
 DOC = REPO / "docs" / "deployment.md"
 LABELS = "neg,neu,pos"
-MARKED = re.compile(r"<!-- test: ([\w-]+)[^>]*-->\n```bash\n(.*?)\n```", re.S)
 BIN = Path(sys.executable).parent
 RAN: set[str] = set()  # blocks run so far in this session
 
 
-def doc_blocks() -> dict[str, str]:
-    text = DOC.read_text()
-    blocks = dict(MARKED.findall(text))
-    assert len(blocks) == text.count("```bash"), "every ```bash block of the doc needs a `<!-- test: NAME -->` marker"
-    return blocks
-
-
-BLOCKS = doc_blocks()
+BLOCKS = doc_blocks(DOC)
 
 
 # ----------------------------------------------------------------------------- the federation
