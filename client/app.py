@@ -44,9 +44,10 @@ from flwr.common.logger import FLOWER_LOGGER, log
 from safetensors.torch import load_file, save_file
 
 from fedlora.core.config import RunConfig
-from fedlora.core.data import ClientData, client_data, label_names, server_test
-from fedlora.core.model import ModelBundle, build_model, load_state, pick_device, save_adapter
-from fedlora.core.train import evaluate, precision_context, train_local
+from fedlora.core.data import ClientData, client_data, server_test
+from fedlora.core.model import ModelBundle, load_state, pick_device, precision_context, save_adapter
+from fedlora.core.task import get_task
+from fedlora.core.train import train_local
 from fedlora.core.version import VERSION
 from fedlora.privacy import DPSettings, PrivacyError, PrivacyLedger, epsilon, noise_for, noise_multiplier, sample_rate
 from fedlora.strategies import LoraMethod, get_method
@@ -61,12 +62,12 @@ app = ClientApp()
 
 _KEPT = "fedlora.kept"  # context.state key: what the server does not resend (FFA's A, FedSA's own B)
 _LEDGER = "fedlora.ledger"  # context.state key: a copy of the site's ledger (JSON), should its file be lost
+_METRICS = ("accuracy", "loss", "perplexity")  # what a local evaluation reports, where the task has it
 
 
 @functools.lru_cache(maxsize=4)  # one model per LoRA rank in use on this worker
 def _bundle(cfg: RunConfig) -> ModelBundle:
-    names = label_names(cfg)
-    bundle = build_model(cfg, len(names), dict(enumerate(names)))
+    bundle = get_task(cfg).build_model(cfg)
     bundle.model.to(pick_device())
     return bundle
 
@@ -207,7 +208,7 @@ def train(msg: Message, context: Context) -> Message:
                     msg, f"client {site.partition_id}: {why_not}", epsilon=ledger.epsilon_of(job, cfg.target_delta)))
         started = time.perf_counter()
         losses = train_local(bundle, data.train, cfg, method.trainable_keys(bundle.params),
-                             seed=(cfg.seed, server_round, site.partition_id), dp=dp)
+                             seed=(cfg.seed, server_round, site.partition_id), dp=dp, server_round=server_round)
         seconds = time.perf_counter() - started
         trained = {k: bundle.params[k].detach().cpu().clone() for k in method.trainable_keys(bundle.params)}
         kept = _must_keep(method, {**from_record(context.state[_KEPT]), **trained})  # FedSA's B: its own now
@@ -309,12 +310,13 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     if not allowed:
         return _log_sent(cfg, site, msg, context, refusal)
     started = time.perf_counter()
+    evaluate = get_task(cfg).evaluate
     result = evaluate(bundle, data.test, cfg)
-    metrics = {"num-examples": len(data.test), "accuracy": result["accuracy"], "loss": result["loss"]}
+    metrics = {"num-examples": len(data.test), **{k: result[k] for k in _METRICS if k in result}}
     # The global test data is the simulation's (a shared dataset's split, or a file every virtual
     # site can read); a real site has no copy of the server's file and skips this.
     if final_personal and not site.site_dir and (test := server_test(cfg)) is not None:
         on_global = evaluate(bundle, test, cfg)
-        metrics.update({"global-accuracy": on_global["accuracy"], "global-loss": on_global["loss"]})
+        metrics.update({f"global-{k}": on_global[k] for k in _METRICS if k in on_global})
     metrics["eval-seconds"] = time.perf_counter() - started
     return _log_sent(cfg, site, msg, context, Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))

@@ -15,16 +15,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AUTO", "EVALUATE_ON", "HEAD_POLICIES", "OPTIMIZERS", "PARTITIONERS", "ConfigError", "RunConfig", "check_ranks"]
+__all__ = ["AUTO", "EVALUATE_ON", "HEAD_POLICIES", "LR_SCHEDULES", "OPTIMIZERS", "PARTITIONERS", "PROMPT_FORMATS",
+           "TASKS", "ConfigError", "RunConfig", "check_ranks"]
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+TASKS = ("classification", "causal-lm")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 OPTIMIZERS = ("sgd", "adam")
 HEAD_POLICIES = ("trainable", "frozen")
 EVALUATE_ON = ("server", "clients", "both")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PRECISIONS = ("fp32", "bf16")
-#: the run-config value that means "this strategy's default" (learning-rate, evaluate-on)
+PROMPT_FORMATS = ("auto", "chat", "alpaca")
+LR_SCHEDULES = ("constant", "cosine")
+#: `max-length` when left "auto": a tweet fits 64 tokens; a prompt and its answer need more
+DEFAULT_MAX_LENGTH = {"classification": 64, "causal-lm": 256}
+#: the run-config value that means "the default for this strategy, task or model" (learning-rate,
+#: evaluate-on, head, max-length, target-modules, prompt-format, ...)
 AUTO = "auto"
 
 
@@ -44,6 +51,7 @@ class RunConfig:
     """
 
     strategy: str = "fedsvd"
+    task: str = "classification"  # "causal-lm": supervised instruction tuning of a decoder LM
     num_server_rounds: int = 5
     clients_per_round: int = 10
     seed: int = 0
@@ -51,13 +59,15 @@ class RunConfig:
     resume: bool = False  # continue the run in output-dir from its checkpoint (`fedlora run --resume`)
     # model + LoRA
     model: str = "all-MiniLM-L6-v2"
-    max_length: int = 64
-    target_modules: str = "query,value"
+    max_length: int | None = None  # "auto": DEFAULT_MAX_LENGTH of the task
+    target_modules: str = AUTO  # "auto": peft's LoRA targets for the architecture
     lora_rank: int = 8
     lora_ranks: str = ""  # mixed ranks: client k uses lora-ranks[k mod len] (e.g. "4,8,16")
     lora_alpha: float = 8.0
     lora_dropout: float = 0.05
-    head: str = "trainable"
+    head: str = AUTO  # "auto": trainable for classification, frozen (the LM head) for causal-lm
+    gguf_file: str = ""  # a GGUF file in the `model` folder, loaded through transformers (dequantised)
+    init_adapter: str = ""  # warm start: a peft adapter folder whose LoRA factors start the run
     precision: str = "fp32"  # "bf16": bfloat16 autocast on CUDA, without DP
     # data
     dataset: str = "tweets"  # "" when every site brings its own file (node config data=<path>)
@@ -70,13 +80,26 @@ class RunConfig:
     dirichlet_alpha: float = 0.5
     min_partition_size: int | None = None  # "auto": the partitioner's own rule
     classes_per_client: int = 2
+    partition_column: str = ""  # partitioner = "natural": one client per distinct value of this column
     local_test_fraction: float = 0.2
+    # instruction data (task = causal-lm): Alpaca rows, prompt/completion pairs or chat messages
+    prompt_format: str = AUTO  # "chat" (the tokenizer's template), "alpaca"; auto: chat if the tokenizer has one
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    max_truncated_share: float = 0.05  # a file where more rows must lose response tokens is refused
     # local training
     local_steps: int = 10
     batch_size: int = 32
     optimizer: str = "sgd"
     learning_rate: float | None = None  # "auto" in the run config: the strategy's default
     max_grad_norm: float = 1.0
+    micro_batch_size: int = 0  # > 0: gradient accumulation over chunks of this many rows (0: whole batches)
+    lr_schedule: str = "constant"  # "cosine": from learning-rate in round 1 down to min-learning-rate
+    min_learning_rate: float = 0.0
     # differential privacy: DP-SGD on every client, per-client budget ledger (fedlora.privacy)
     dp: bool = True
     target_epsilon: float = 6.0
@@ -92,6 +115,8 @@ class RunConfig:
     # evaluation
     evaluate_on: str = AUTO  # the strategy's default: "clients" for FedSA, else "server"
     eval_batch_size: int = 128
+    max_new_tokens: int = 32  # greedy generation (causal-lm): samples, and exact match on label-like outputs
+    num_samples: int = 5  # generated answers of the final model written to samples.jsonl (causal-lm)
     round_timeout: float = 3600.0
     connect_timeout: float = 600.0
     # bad updates and dropouts
@@ -139,6 +164,11 @@ class RunConfig:
             object.__setattr__(self, "evaluate_on", defaults.get("evaluate-on", "server"))
         if self.dp_max_participations is None:
             object.__setattr__(self, "dp_max_participations", self.num_server_rounds)
+        if self.task in TASKS:
+            if self.max_length is None:
+                object.__setattr__(self, "max_length", DEFAULT_MAX_LENGTH[self.task])
+            if self.head == AUTO:
+                object.__setattr__(self, "head", "trainable" if self.task == "classification" else "frozen")
 
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case dict Flower expects (inverse of `from_run_config`); a value still left to
@@ -197,6 +227,9 @@ class RunConfig:
                 raise ConfigError(f"{key}={value!r} must be {bound}")
 
         choice("strategy", self.strategy, available_strategies())
+        choice("task", self.task, TASKS)
+        choice("prompt-format", self.prompt_format, PROMPT_FORMATS)
+        choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         method = method_class(self.strategy)
         choice("head", self.head, HEAD_POLICIES)
         choice("partitioner", self.partitioner, PARTITIONERS)
@@ -208,13 +241,22 @@ class RunConfig:
         for key in ("num-server-rounds", "clients-per-round", "max-length", "lora-rank",
                     "test-size", "local-steps", "batch-size", "eval-batch-size",
                     "classes-per-client", "fair-steps", "dp-max-participations", "target-epsilon",
-                    "min-clients", "max-failed-rounds"):
+                    "min-clients", "max-failed-rounds", "max-new-tokens"):
             positive(key, getattr(self, key.replace("-", "_")))
         for key in ("lora-alpha", "learning-rate", "dirichlet-alpha", "round-timeout", "fair-lr",
                     "connect-timeout", "max-update-norm"):
             positive(key, getattr(self, key.replace("-", "_")))
         positive("max-grad-norm", self.max_grad_norm, zero_ok=True)
         positive("fair-lambda", self.fair_lambda, zero_ok=True)
+        for key in ("micro-batch-size", "num-samples", "min-learning-rate"):
+            positive(key, getattr(self, key.replace("-", "_")), zero_ok=True)
+        if self.min_learning_rate > self.learning_rate:
+            raise ConfigError(f"min-learning-rate={self.min_learning_rate!r} exceeds learning-rate={self.learning_rate!r}")
+        if not 0.0 <= self.max_truncated_share <= 1.0:
+            raise ConfigError(f"max-truncated-share={self.max_truncated_share!r} must be in [0, 1]")
+        if self.partitioner == "natural" and not self.partition_column:
+            raise ConfigError("partitioner='natural' needs partition-column: the column whose values name the clients")
+        self._validate_task()
         if self.min_partition_size is not None:
             positive("min-partition-size", self.min_partition_size, zero_ok=True)
         positive("seed", self.seed, zero_ok=True)
@@ -247,14 +289,15 @@ class RunConfig:
             if len(names) < 2 or len(set(names)) != len(names) or "" in names:
                 raise ConfigError(f"labels={self.labels!r} must name at least 2 distinct labels, comma-separated, "
                                   "e.g. 'negative,neutral,positive'")
-        elif not self.dataset:
-            raise ConfigError("dataset='' (every site brings its own file) needs the run's label set: "
+        elif not self.dataset and self.task == "classification":
+            raise ConfigError("dataset='''' (every site brings its own file) needs the run's label set: "
                               "set labels, e.g. labels='negative,neutral,positive'")
         if self.min_clients > self.clients_per_round:
             raise ConfigError(f"min-clients={self.min_clients} exceeds clients-per-round={self.clients_per_round}: "
                               "no round could ever run")
-        if not self.target_module_list:
-            raise ConfigError("target-modules is empty; give comma-separated module names, e.g. 'query,value'")
+        if self.target_modules != AUTO and not self.target_module_list:
+            raise ConfigError("target-modules is empty; give comma-separated module names, e.g. 'query,value', "
+                              "or 'auto' (peft's choice for the architecture)")
         if self.output_dir and not os.path.isabs(self.output_dir):
             # The ServerApp runs in the SuperLink's working directory, not the user's:
             # a relative path would land somewhere surprising. `fedlora run` makes it absolute.
@@ -262,6 +305,19 @@ class RunConfig:
                 f"output-dir={self.output_dir!r} must be an absolute path "
                 "(`fedlora run` resolves relative paths for you)"
             )
+
+    def _validate_task(self) -> None:
+        """Keys that belong to one task. A causal LM has no classification head to train or send
+        (its LM head is the embedding's twin and stays frozen), and no label set."""
+        if self.task == "causal-lm":
+            if self.head != "frozen":
+                raise ConfigError(f"head={self.head!r} with task='causal-lm': the LM head stays frozen and nothing "
+                                  "is exchanged for it; use head='auto' (or 'frozen')")
+            if self.labels:
+                raise ConfigError(f"labels={self.labels!r} applies to task='classification'; a causal LM answers "
+                                  "in text (exact match is scored on the output column)")
+        elif self.prompt_format != AUTO:
+            raise ConfigError(f"prompt-format={self.prompt_format!r} applies to task='causal-lm' only")
 
     def check_federation(self, num_clients: int) -> None:
         """Checks that need the number of clients (SuperNodes / partitions)."""
@@ -284,7 +340,7 @@ def check_ranks(strategy: str, ranks: list[int]) -> None:
                           f"use one rank, or one of {able}")
 
 
-_AUTO_KEYS = ("learning-rate", "evaluate-on", "dp-max-participations", "min-partition-size")
+_AUTO_KEYS = ("learning-rate", "evaluate-on", "dp-max-participations", "min-partition-size", "max-length")
 #: keys of earlier versions -> their replacement (an old config must fail loudly, not be ignored)
 _RENAMED = {"dp-seeded-noise": ("dp-reproducible", "one switch for both the DP batch sampling and the noise; tests only")}
 

@@ -47,8 +47,8 @@ import numpy as np
 from .config import ConfigError, RunConfig
 
 __all__ = ["PARTITION_ID", "ClientData", "DataError", "DataReport", "TextData", "client_data", "data_report",
-           "is_site_data", "label_names", "load_text_data", "partition", "read_labelled", "server_test",
-           "split_test"]
+           "is_site_data", "label_names", "load_labelled", "load_text_data", "partition", "read_labelled", "read_table",
+           "server_test", "split_test"]
 
 BUILTIN = ("tweets",)
 _TWEET_LABELS = ("negative", "neutral", "positive")
@@ -198,20 +198,24 @@ def _missing_file(path: str, key: str) -> str:
     return f"{key}={path!r} is not an existing file"
 
 
-def _read_file(path: str, text_column: str, label_column: str, *,
-               key: str = "dataset") -> tuple[list[str], list[str], DataReport]:
-    """Texts, label cells as text (`_label_text`) and the report of one file; errors name `key`,
-    the setting that gave the path."""
+def read_table(path: str, key: str, text_columns: Sequence[str]) -> tuple[Any, int]:
+    """One CSV/JSON/JSONL/parquet file as a DataFrame, and how many undecodable bytes decoding
+    replaced by U+FFFD (`_decode`; 0 for parquet). `text_columns` stay text: a CSV's cells are
+    read as strings, and a JSON string is not converted to a number. Errors (`DataError`) name
+    `key`, the setting that gave the path: missing file, unsupported type, unreadable content."""
     import pandas as pd
 
     if not os.path.isfile(path):
         raise DataError(_missing_file(path, key))
     ext = os.path.splitext(path)[1].lower()
     # CSV cells are read as text: "007" stays a text and "1" a label "1", even when a missing
-    # cell would make pandas read the column as floats (1.0).
-    as_text = {text_column: str, label_column: str}
-    readers = {".csv": functools.partial(pd.read_csv, dtype=as_text), ".json": pd.read_json,
-               ".jsonl": functools.partial(pd.read_json, lines=True), ".parquet": pd.read_parquet}
+    # cell would make pandas read the column as floats (1.0). JSON strings likewise stay strings
+    # (pandas would turn a column of "007"s into 7s); JSON numbers stay numbers (`_label_text`).
+    as_text = dict.fromkeys(text_columns, str)
+    as_json = dict.fromkeys(text_columns, object)
+    readers = {".csv": functools.partial(pd.read_csv, dtype=as_text),
+               ".json": functools.partial(pd.read_json, dtype=as_json),
+               ".jsonl": functools.partial(pd.read_json, lines=True, dtype=as_json), ".parquet": pd.read_parquet}
     if ext not in readers:
         raise DataError(f"{key}={path!r}: unsupported file type {ext!r}; use one of {sorted(readers)}")
     replaced = 0
@@ -225,6 +229,14 @@ def _read_file(path: str, text_column: str, label_column: str, *,
         raise DataError(f"{key}={path!r} could not be read: {exc}") from exc
     except ValueError as exc:  # pandas' own message says what is wrong with the file
         raise DataError(f"{key}={path!r} could not be read: {exc}") from exc
+    return df, replaced
+
+
+def _read_file(path: str, text_column: str, label_column: str, *,
+               key: str = "dataset") -> tuple[list[str], list[str], DataReport]:
+    """Texts, label cells as text (`_label_text`) and the report of one file; errors name `key`,
+    the setting that gave the path."""
+    df, replaced = read_table(path, key, (text_column, label_column))
     for col_key, col in (("text-column", text_column), ("label-column", label_column)):
         if col not in df.columns:
             raise DataError(f"{col_key}={col!r} is not a column of {path}; columns: {list(df.columns)}")
@@ -353,17 +365,25 @@ def _tweets_labelled(labels: tuple[str, ...]) -> tuple[TextData, DataReport]:
 # --- the shared dataset -----------------------------------------------------------------------
 
 
-def _load(cfg: RunConfig) -> tuple[TextData, DataReport]:
+def _load(cfg: RunConfig) -> tuple[Any, DataReport]:
+    from .task import get_task
+
     _require_shared(cfg, "loading the whole dataset")
+    return get_task(cfg).load_shared(cfg)
+
+
+def load_labelled(cfg: RunConfig) -> tuple[TextData, DataReport]:
+    """The shared dataset as texts with class ids (the classification task's `load_shared`)."""
     labels = _check_labels(cfg.label_list)
     if cfg.dataset == "tweets":
         return _tweets_labelled(labels)
     return read_labelled(cfg.dataset, cfg.text_column, cfg.label_column, labels, key="dataset")
 
 
-def load_text_data(cfg: RunConfig) -> TextData:
-    """The whole shared dataset named by `cfg.dataset` (cached per process); ConfigError for site
-    data (`is_site_data`)."""
+def load_text_data(cfg: RunConfig) -> Any:
+    """The whole shared dataset named by `cfg.dataset`, as the run's task reads it (`TextData`,
+    or `InstructionData` for a causal LM; cached per process); ConfigError for site data
+    (`is_site_data`)."""
     return _load(cfg)[0]
 
 
@@ -406,8 +426,9 @@ def server_test(cfg: RunConfig) -> TextData | None:
     data: the server holds no labelled data. (With a shared dataset, `server-test-data` replaces
     the split as the server's test set; the split's rows still stay out of the partitions.)"""
     if cfg.server_test_data:
-        return read_labelled(cfg.server_test_data, cfg.text_column, cfg.label_column, label_names(cfg),
-                             key="server-test-data")[0]
+        from .task import get_task
+
+        return get_task(cfg).read_file(cfg, cfg.server_test_data, key="server-test-data")
     return None if is_site_data(cfg) else split_test(cfg)
 
 
@@ -425,11 +446,15 @@ def partition(cfg: RunConfig, num_partitions: int) -> list[np.ndarray]:
 @functools.lru_cache(maxsize=4)
 def _partition(cfg: RunConfig, num_partitions: int, signature: tuple[int, int] | None) -> tuple[np.ndarray, ...]:
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
     _, train_idx = _split_indices(cfg)
-    labels = load_text_data(cfg).labels[train_idx]
-    n_classes = len(load_text_data(cfg).label_names)
+    data = load_text_data(cfg)
     if num_partitions > len(train_idx):
         raise ConfigError(f"{num_partitions} clients but only {len(train_idx)} training rows")
     if cfg.min_partition_size is not None and cfg.min_partition_size * num_partitions > len(train_idx):
@@ -437,14 +462,30 @@ def _partition(cfg: RunConfig, num_partitions: int, signature: tuple[int, int] |
             f"min-partition-size={cfg.min_partition_size} cannot be met: {num_partitions} clients "
             f"× {cfg.min_partition_size} > {len(train_idx)} training rows"
         )
+    by = "label"
     if cfg.partitioner == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
+    elif cfg.partitioner == "natural":
+        groups = getattr(data, "groups", None)
+        if groups is None:
+            raise ConfigError(f"partitioner='natural' needs the values of partition-column={cfg.partition_column!r} "
+                              f"(task={cfg.task!r} reads no such column)")
+        values = [groups[i] for i in train_idx]
+        if len(set(values)) != num_partitions:
+            raise ConfigError(f"partitioner='natural': partition-column={cfg.partition_column!r} has "
+                              f"{len(set(values))} distinct values in the training rows, one per client, but the "
+                              f"federation has {num_partitions} clients")
+        part, by = NaturalIdPartitioner(partition_by="group"), "group"
+    elif data.labels is None:
+        raise ConfigError(f"partitioner={cfg.partitioner!r} splits by label, and dataset={cfg.dataset!r} has no "
+                          f"label-column={cfg.label_column!r}: use partitioner='iid' or 'natural'")
     elif cfg.partitioner == "dirichlet":
         # `auto` (None): the partitioner's own minimum; an explicit one it re-samples to meet.
         minimum = {} if cfg.min_partition_size is None else {"min_partition_size": cfg.min_partition_size}
         part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
                                     alpha=cfg.dirichlet_alpha, self_balancing=False, seed=cfg.seed, **minimum)
     else:
+        n_classes = len(data.label_names)
         if cfg.classes_per_client > n_classes:
             raise ConfigError(f"classes-per-client={cfg.classes_per_client} exceeds the "
                               f"{n_classes} classes of the dataset")
@@ -453,7 +494,12 @@ def _partition(cfg: RunConfig, num_partitions: int, signature: tuple[int, int] |
                               f"cannot cover the {n_classes} classes: some classes would be dropped")
         part = PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
                                        num_classes_per_partition=cfg.classes_per_client, seed=cfg.seed)
-    part.dataset = Dataset.from_dict({"label": labels.tolist(), "row": train_idx.tolist()})
+    columns = {"row": train_idx.tolist()}
+    if by == "group":
+        columns["group"] = values
+    elif data.labels is not None:
+        columns["label"] = data.labels[train_idx].tolist()
+    part.dataset = Dataset.from_dict(columns)
     try:
         parts = tuple(np.asarray(part.load_partition(i)["row"], dtype=np.int64)
                       for i in range(num_partitions))
@@ -509,8 +555,9 @@ def client_data(cfg: RunConfig, partition_id: int, num_partitions: int, *, sourc
                               f"client {partition_id} reads its partition of the shared dataset {cfg.dataset!r}")
         rows = partition(cfg, num_partitions)[partition_id]
         return _hold_out(cfg, partition_id, load_text_data(cfg), rows)
-    data, _ = read_labelled(path, text_column or cfg.text_column, label_column or cfg.label_column,
-                            label_names(cfg), key=key)
+    from .task import get_task
+
+    data = get_task(cfg).read_file(cfg, path, key=key, text_column=text_column, label_column=label_column)
     return _hold_out(cfg, partition_id, data, np.arange(len(data)))
 
 

@@ -1,8 +1,9 @@
 """The model side shared by server and clients: base model + peft LoRA, and the exchanged state.
 
 `build_model` loads any Hugging Face `AutoModelForSequenceClassification` (local path, hub name,
-or the bundled all-MiniLM-L6-v2) and wraps it with peft LoRA under a fixed seed, so the server and
-every client start from identical A matrices and head. `adapter_params` maps fedlora's flat state
+or the bundled all-MiniLM-L6-v2), `build_causal_lm` any `AutoModelForCausalLM` (also from a GGUF
+file, through a cached dequantised copy), and both wrap it with peft LoRA under a fixed seed, so
+the server and every client start from identical A matrices (and head). `adapter_params` maps fedlora's flat state
 keys (`<module>.lora_A`, `<module>.lora_B`, `head.<param>`) to the live peft parameters; that flat
 dict is what travels between server and clients.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import nullcontext
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,21 +22,26 @@ import torch
 
 from fedlora.strategies.base import DELTA_SUFFIXES, HEAD_PREFIX, is_delta_key
 
-from .config import ConfigError, RunConfig
+from .config import AUTO, ConfigError, RunConfig
 
 __all__ = [
     "BUNDLED_MODEL",
     "ModelBundle",
     "adapter_params",
+    "build_causal_lm",
     "build_model",
     "check_model",
     "global_state",
     "load_state",
+    "lora_targets",
+    "model_dir",
     "pick_device",
+    "precision_context",
     "resolve_model_path",
     "save_adapter",
     "save_merged",
     "set_base_deltas",
+    "warm_start",
 ]
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
@@ -43,6 +50,18 @@ _BUNDLED_ALIASES = {BUNDLED_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def precision_context(cfg: RunConfig, device: torch.device):
+    """The forward pass's numeric precision: float32, or bfloat16 autocast on CUDA (`precision`).
+    A process without CUDA cannot honour bf16 (e.g. a site without a GPU): that is an error, not
+    a silent fallback, so that runs compared as bf16 are bf16."""
+    if cfg.precision == "fp32":
+        return nullcontext()
+    if device.type != "cuda":
+        raise ConfigError(f"precision={cfg.precision!r} needs a CUDA GPU, and this process runs on {device.type} "
+                          "(with `fedlora run`, give clients a GPU share: --client-gpus)")
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def resolve_model_path(name: str) -> str:
@@ -91,18 +110,36 @@ class ModelBundle:
     pristine: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def model_dir(cfg: RunConfig) -> str:
+    """The local folder the model loads from (`resolve_model_path`); for a GGUF model (`gguf-file`
+    in the `model` folder, or a bundled GGUF such as SmolLM2-135M-Instruct) its dequantised copy,
+    built once and cached (`core/gguf.py`): loading GGUF takes tens of seconds, the copy under one."""
+    from .gguf import bundled_gguf, cached_model_dir
+
+    if cfg.gguf_file:
+        return cached_model_dir(resolve_model_path(cfg.model), cfg.gguf_file)
+    bundled = bundled_gguf(cfg.model)
+    return cached_model_dir(*bundled) if bundled else resolve_model_path(cfg.model)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # e.g. the "classifier MISSING" load report is expected
+    transformers.utils.logging.disable_progress_bar()
+
+
 def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | None = None) -> ModelBundle:
-    """Base model + LoRA on `target-modules`, seeded so that every process builds the same init.
+    """A sequence classifier + LoRA on `target-modules`, seeded so that every process builds the
+    same init.
 
     The head is always part of the adapter (peft `modules_to_save`), so a saved adapter carries
     it; with `head = frozen` it is simply never trained nor exchanged.
     """
-    import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    transformers.utils.logging.set_verbosity_error()  # the "classifier MISSING" load report is expected
-    transformers.utils.logging.disable_progress_bar()
-    path = resolve_model_path(cfg.model)
+    _quiet_transformers()
+    path = model_dir(cfg)
     id2label = dict(id2label or {i: str(i) for i in range(num_labels)})
     torch.manual_seed(cfg.seed)  # head init and peft's Kaiming A: identical on server and clients
     try:
@@ -118,7 +155,31 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
     # the adapter would not reproduce us.
     mismatched = [entry[0] for entry in info.get("mismatched_keys", [])]
     fresh = sorted({key.rsplit(".", 1)[0] for key in [*info["missing_keys"], *mismatched]})
-    model = _wrap(cfg, base, fresh)
+    return _bundle(cfg, path, _wrap(cfg, base, fresh, "SEQ_CLS"), tokenizer)
+
+
+def build_causal_lm(cfg: RunConfig) -> ModelBundle:
+    """A decoder LM (`AutoModelForCausalLM`) + LoRA on `target-modules`; its LM head stays frozen
+    and is never exchanged. A tokenizer without a padding token pads with its end token (padding
+    is masked out of attention and loss, so any id will do)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    path = model_dir(cfg)
+    torch.manual_seed(cfg.seed)  # peft's Kaiming A: identical on server and clients
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model={cfg.model!r} could not be loaded from {path} as a causal LM: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return _bundle(cfg, path, _wrap(cfg, base, [], "CAUSAL_LM"), tokenizer)
+
+
+def _bundle(cfg: RunConfig, path: str, model: torch.nn.Module, tokenizer: object) -> ModelBundle:
+    """The bundle of a peft-wrapped model: exchanged parameters, all frozen until training, and
+    the linear layers under LoRA (whose weights FedEx-LoRA and FLoRA change)."""
     params = adapter_params(model, head=cfg.head == "trainable")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -128,13 +189,30 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
     return ModelBundle(model, tokenizer, params, path, base_layers)
 
 
-def _wrap(cfg: RunConfig, base: torch.nn.Module, head_modules: list[str]) -> torch.nn.Module:
-    """peft LoRA on `target-modules` (+ the head as `modules_to_save`), with fedlora's checks."""
+def lora_targets(cfg: RunConfig, model: torch.nn.Module) -> list[str]:
+    """`target-modules` as names; "auto": peft's default targets for the architecture (query/value
+    for BERT, q_proj/v_proj for Llama, Qwen and Gemma, c_attn for GPT-2)."""
+    if cfg.target_modules != AUTO:
+        return cfg.target_module_list
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in DEFAULTS:
+        raise ConfigError(f"target-modules='auto': peft knows no default LoRA targets for model type "
+                          f"{model_type!r}; name them, e.g. target-modules='q_proj,v_proj'")
+    return list(DEFAULTS[model_type])
+
+
+def _wrap(cfg: RunConfig, base: torch.nn.Module, head_modules: list[str], task_type: str) -> torch.nn.Module:
+    """peft LoRA on `target-modules` (+ a classification head as `modules_to_save`), with fedlora's checks."""
     from peft import LoraConfig, get_peft_model
 
-    check_target_modules(cfg, base)
-    lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=cfg.target_module_list,
+    from fedlora.strategies import method_class
+
+    targets = lora_targets(cfg, base)
+    check_target_modules(cfg, base, targets)
+    lora = LoraConfig(task_type=task_type, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets,
                       modules_to_save=head_modules or None)
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
@@ -142,28 +220,38 @@ def _wrap(cfg: RunConfig, base: torch.nn.Module, head_modules: list[str]) -> tor
             model = get_peft_model(base, lora)
     except ValueError as exc:  # e.g. a target that is no layer LoRA can adapt
         raise ConfigError(f"target-modules={cfg.target_modules!r}: {exc}") from exc
+    changes_base = method_class(cfg.strategy).changes_base
     for name, module in model.named_modules():
         layer = getattr(module, "base_layer", None)
-        if isinstance(layer, torch.nn.Linear) and cfg.lora_rank > min(layer.in_features, layer.out_features):
+        if layer is None or not hasattr(module, "lora_A"):
+            continue
+        if not isinstance(layer, torch.nn.Linear):
+            if changes_base:  # set_base_deltas writes W0 + ΔW in nn.Linear's (out, in) layout
+                raise ConfigError(f"strategy={cfg.strategy!r} folds updates into the base weights, which fedlora does "
+                                  f"for nn.Linear layers only; {name} is a {type(layer).__name__} (GPT-2 style): "
+                                  "use another strategy or other target-modules")
+            continue
+        if cfg.lora_rank > min(layer.in_features, layer.out_features):
             raise ConfigError(f"lora-rank={cfg.lora_rank} exceeds the size of {name} "
                               f"({layer.out_features}×{layer.in_features})")
     return model
 
 
-def check_target_modules(cfg: RunConfig, model: torch.nn.Module) -> None:
-    """Every name in `target-modules` must be the last component of some module's name."""
+def check_target_modules(cfg: RunConfig, model: torch.nn.Module, targets: list[str]) -> None:
+    """Every target name must be the last component of some module's name."""
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in cfg.target_module_list if m not in present]
+    missing = [m for m in targets if m not in present]
     if missing:
         raise ConfigError(f"target-modules {missing} do not name modules of {cfg.model!r}")
 
 
 def check_model(cfg: RunConfig) -> None:
-    """Cheap start-up check of `model` and `target-modules`: the architecture is built on the
-    meta device (no weights are loaded or allocated)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """Cheap start-up check of `model`, `target-modules` and `max-length`: the architecture is
+    built on the meta device (no weights are loaded or allocated). A GGUF model's cached copy is
+    built here, once, before any worker needs it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = resolve_model_path(cfg.model)
+    path = model_dir(cfg)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -171,8 +259,14 @@ def check_model(cfg: RunConfig) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and cfg.max_length > limit:
         raise ConfigError(f"max-length={cfg.max_length} exceeds the model's {limit} positions")
+    causal = cfg.task == "causal-lm"
+    auto_cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     with torch.device("meta"):  # at the largest rank any client will use
-        _wrap(cfg.replace(lora_rank=cfg.max_rank), AutoModelForSequenceClassification.from_config(config), [])
+        try:
+            base = auto_cls.from_config(config)
+        except ValueError as exc:  # e.g. an encoder-only model asked to be a causal LM
+            raise ConfigError(f"model={cfg.model!r} cannot be a {cfg.task} model: {exc}") from exc
+        _wrap(cfg.replace(lora_rank=cfg.max_rank), base, [], "CAUSAL_LM" if causal else "SEQ_CLS")
 
 
 def adapter_params(model: torch.nn.Module, *, head: bool) -> dict[str, torch.nn.Parameter]:
@@ -246,15 +340,51 @@ def set_base_deltas(bundle: ModelBundle, deltas: Mapping[str, torch.Tensor]) -> 
         linear.weight.copy_((w0.to(torch.float64) + change).to(w0.dtype))
 
 
+@torch.no_grad()
+def warm_start(bundle: ModelBundle, folder: str | os.PathLike) -> None:
+    """Start from the LoRA factors (and head) of a saved peft adapter (`init-adapter`): every
+    exchanged tensor of the bundle must be in it, with its shape (the same model, target modules
+    and rank). Only the server loads it; the clients get the factors with their first message."""
+    from safetensors.torch import load_file
+
+    file = Path(folder) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ConfigError(f"init-adapter={str(folder)!r} holds no adapter_model.safetensors (a folder written by "
+                          "peft's save_pretrained, such as a run's adapter/)")
+    state = {}
+    for name, value in load_file(str(file)).items():
+        name = name.removeprefix("base_model.model.")
+        for factor in ("lora_A", "lora_B"):
+            if name.endswith(f".{factor}.weight"):
+                name = name.removesuffix(".weight")
+                break
+        else:
+            name = HEAD_PREFIX + name
+        state[name] = value
+    missing = sorted(set(bundle.params) - set(state))
+    if missing:
+        raise ConfigError(f"init-adapter={str(folder)!r} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
+                          "it was trained with other target-modules or another model")
+    shapes = {k: (tuple(state[k].shape), tuple(p.shape)) for k, p in bundle.params.items()
+              if tuple(state[k].shape) != tuple(p.shape)}
+    if shapes:
+        key, (got, want) = next(iter(shapes.items()))
+        raise ConfigError(f"init-adapter={str(folder)!r}: {key} has shape {got}, this run's is {want} "
+                          "(another lora-rank or model)")
+    load_state(bundle, {k: state[k] for k in bundle.params})
+
+
 def save_adapter(bundle: ModelBundle, path: str | os.PathLike, run_config: Mapping[str, object]) -> None:
-    """The peft adapter (LoRA and head) with the tokenizer, the labels and the run config that made it:
+    """The peft adapter (LoRA and a classifier's head) with the tokenizer, a classifier's labels and
+    the run config that made it:
     `PeftModel.from_pretrained(base, path)` rebuilds the model (plus any base-weight change: see
     `save_merged`)."""
     path = Path(path)
     bundle.model.save_pretrained(path)
     bundle.tokenizer.save_pretrained(path)
-    id2label = {str(k): v for k, v in bundle.model.config.id2label.items()}
-    (path / "id2label.json").write_text(json.dumps(id2label, indent=2) + "\n")
+    if run_config.get("task", "classification") == "classification":
+        id2label = {str(k): v for k, v in bundle.model.config.id2label.items()}
+        (path / "id2label.json").write_text(json.dumps(id2label, indent=2) + "\n")
     (path / "fedlora_config.json").write_text(
         json.dumps({**run_config, "base-model-path": bundle.model_path}, indent=2) + "\n")
 

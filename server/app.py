@@ -24,9 +24,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.core.config import RunConfig, check_ranks
-from fedlora.core.data import data_report, label_names, server_test
-from fedlora.core.model import build_model, global_state, load_state, pick_device
-from fedlora.core.train import evaluate
+from fedlora.core.data import data_report, server_test
+from fedlora.core.model import global_state, load_state, pick_device, warm_start
+from fedlora.core.task import get_task
 from fedlora.core.version import VERSION
 from fedlora.privacy import REPRODUCIBLE_WARNING
 from fedlora.strategies import LoraMethod, get_method
@@ -218,9 +218,11 @@ class _Server:
         # None when the server holds no labelled data: then only clients that may release their
         # local metrics evaluate, and under DP nobody does.
         self.test = server_test(cfg)
-        names = label_names(cfg)
+        self.task = get_task(cfg)
         # The global adapter has the largest rank in use; each client gets its share (FlexLoRA, FLoRA).
-        self.bundle = build_model(cfg.replace(lora_rank=max(fed.ranks.values())), len(names), dict(enumerate(names)))
+        self.bundle = self.task.build_model(cfg.replace(lora_rank=max(fed.ranks.values())))
+        if cfg.init_adapter:  # the clients get these factors with their first message
+            warm_start(self.bundle, cfg.init_adapter)
         self.bundle.model.to(pick_device())
         self.arrays = to_record(global_state(self.bundle))
         self.strategy = LoraStrategy(method, partitions=fed.nodes, ranks=fed.ranks,
@@ -249,9 +251,9 @@ class _Server:
         """The global model on the server's test data (if the server evaluates and has any)."""
         if self.cfg.evaluate_on not in ("server", "both") or self.test is None:
             return {}
-        res = evaluate(self.bundle, self.test, self.cfg)
-        self.predictions = res["predictions"]
-        return {"test_accuracy": res["accuracy"], "test_loss": res["loss"]}
+        res = self.task.evaluate(self.bundle, self.test, self.cfg)
+        self.predictions = res.get("predictions")
+        return {f"test_{k}": res[k] for k in ("accuracy", "loss", "perplexity") if k in res}
 
     def round(self, rnd: int, *, final: bool) -> dict:
         """Train, aggregate and evaluate; the row for metrics.jsonl.

@@ -9,11 +9,12 @@ peft adapter, the final test predictions and an accuracy plot.
                             counts as it reported them, and the sites left out and why
       metrics.jsonl         round 0 = initial evaluation, then one object per round (a round
                             without a usable reply: `skipped` and `skip_reason`, model unchanged)
-      predictions.json      final global model on the test split: labels and predictions
+      predictions.json      classification: final global model on the test split: labels and predictions
+      samples.jsonl         causal-lm: the final model's greedy answers to the first num-samples test prompts
       accuracy.png          test accuracy / loss per round
       adapter/              PeftModel.from_pretrained(base, adapter/) gives the server's model
                             (not for fedsa: no global model; not enough for fedex/flora: see merged/)
-      merged/               fedex, flora: AutoModelForSequenceClassification.from_pretrained(merged/)
+      merged/               fedex, flora: AutoModelFor{SequenceClassification,CausalLM}.from_pretrained(merged/)
                             gives the server's model, base-weight changes included
       adapters/<partition>/ fedsa: each client's own adapter (Ā with its B), written by the client
       privacy.json          dp: δ, accountant, target ε, each client's ε and participations, and
@@ -37,9 +38,9 @@ from flwr.common.logger import log
 from fedlora.core.config import RunConfig
 from fedlora.core.data import DataReport, TextData
 from fedlora.core.files import write_text_atomic
-from fedlora.core.model import ModelBundle, save_adapter, save_merged
+from fedlora.core.model import ModelBundle, save_merged
 from fedlora.core.status import RunStatus, check_fresh, write_status
-from fedlora.core.train import evaluate
+from fedlora.core.task import get_task
 from fedlora.privacy import REPRODUCIBLE_WARNING
 from fedlora.strategies.flower import LoraStrategy
 
@@ -124,18 +125,14 @@ class RunOutputs:
 
     def save_final(self, bundle: ModelBundle, test: TextData | None, predictions: np.ndarray | None, *,
                    merged: bool) -> None:
-        """The global adapter (with head), tokenizer, labels and config; predictions on the
-        server's test data (if it has any); plot; and, with `merged`, the full model with
-        everything merged into its weights (last: the merge happens in place).
+        """The global adapter (with a classifier's head and labels), tokenizer and config; the final
+        model's answers on the server's test data, if it has any (the task's: predictions.json or
+        samples.jsonl); plot; and, with `merged`, the full model with everything merged into its
+        weights (last: the merge happens in place).
 
         `predictions` are the final global model's on `test` when the server already has them.
         """
-        save_adapter(bundle, self.dir / "adapter", self.cfg.to_run_config())
-        if test is not None:
-            if predictions is None:
-                predictions = evaluate(bundle, test, self.cfg)["predictions"]
-            (self.dir / "predictions.json").write_text(json.dumps(
-                {"labels": test.labels.tolist(), "predictions": predictions.tolist()}))
+        get_task(self.cfg).save_final(bundle, self.dir, test, self.cfg, predictions)
         self.plot()
         if merged:
             save_merged(bundle, self.dir / "merged")
@@ -172,20 +169,24 @@ class RunOutputs:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in self.rows if "test_accuracy" in r]
+        rows = [r for r in self.rows if "test_loss" in r]
         if not rows:
             return
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-        rounds = [r["round"] for r in rows]
-        ax1.plot(rounds, [r["test_accuracy"] for r in rows], marker="o")
-        ax1.set(xlabel="round", ylabel="test accuracy", title=f"{self.cfg.strategy}: test accuracy")
-        ax2.plot(rounds, [r["test_loss"] for r in rows], marker="o", label="test")
+        accuracy = [(r["round"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
+        # a causal LM without label-like answers has a loss (and perplexity) but no accuracy
+        fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(9 if accuracy else 4.5, 3.5), squeeze=False)
+        if accuracy:
+            axes[0, 0].plot(*zip(*accuracy), marker="o")
+            axes[0, 0].set(xlabel="round", ylabel="test accuracy", title=f"{self.cfg.strategy}: test accuracy")
+        ax2 = axes[0, -1]
+        ax2.plot([r["round"] for r in rows], [r["test_loss"] for r in rows], marker="o", label="test")
         train = [(r["round"], r["train_loss"]) for r in rows if "train_loss" in r]
         if train:
             ax2.plot(*zip(*train), marker="s", label="train (clients)")
-        ax2.set(xlabel="round", ylabel="cross-entropy", title="loss")
+        ax2.set(xlabel="round", ylabel="cross-entropy" + (" per answer token" if self.cfg.task == "causal-lm" else ""),
+                title="loss")
         ax2.legend()
-        for ax in (ax1, ax2):
+        for ax in axes[0]:
             ax.grid(alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
         fig.tight_layout()

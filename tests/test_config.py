@@ -72,7 +72,7 @@ BAD_PRIVACY = [  # the DP keys and how they combine with the rest
 @pytest.mark.parametrize("overrides, message", [
     ({"strategy": "fedavgx"}, "strategy='fedavgx' is not allowed; choose one of ['fedex', 'fedit', 'fedsa', "
                               "'fedsvd', 'ffa', 'flexlora', 'flora', 'lorafair']"),
-    ({"partitioner": "zipf"}, "choose one of ['iid', 'dirichlet', 'pathological']"),
+    ({"partitioner": "zipf"}, "choose one of ['iid', 'dirichlet', 'pathological', 'natural']"),
     ({"lora-rank": 0}, "lora-rank=0 must be > 0"),
     ({"lora-rank": -4}, "lora-rank=-4 must be > 0"),
     ({"optimizer": "lion"}, "optimizer='lion'"),
@@ -193,7 +193,7 @@ def test_dp_max_participations_defaults_to_the_number_of_rounds():
 def test_bf16_needs_dp_false_a_gpu_where_it_runs_and_autocasts_there(tiny_overrides, tmp_path):
     import torch
 
-    from fedlora.core.train import precision_context
+    from fedlora.core.model import precision_context
 
     with pytest.raises(ConfigError, match="precision='bf16' needs dp=false"):
         _cfg(tiny_overrides, precision="bf16", dp=True)

@@ -326,6 +326,36 @@ def test_hooks_and_ghost_take_the_same_noisy_poisson_steps(cfg, train_data):
     assert all(torch.allclose(state_h[k], state_g[k], atol=1e-5) for k in state_h)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_micro_batches_accumulate_clipped_gradients_and_add_noise_once(cfg, train_data, mode):
+    """Gradient accumulation under DP: the same Poisson batches in chunks of 5 rows take the same
+    noisy steps as whole batches (one noise draw per logical step, not one per chunk)."""
+    cfg = cfg.replace(local_steps=3, batch_size=32, dp=True)
+    results = []
+    for micro in (0, 5):
+        bundle = build_model(cfg, 3)
+        _no_dropout(bundle.model)
+        dp = DPSettings(1.0, 0.5, sample_rate(len(train_data), cfg.batch_size), mode, reproducible=True)
+        losses = train_local(bundle, train_data, cfg.replace(micro_batch_size=micro), _keys(bundle, "A+B+head"),
+                             seed=(3, 1, 0), dp=dp)
+        results.append((losses, _snapshot(bundle)))
+    (loss_whole, whole), (loss_micro, micro) = results
+    assert loss_whole == pytest.approx(loss_micro, abs=1e-5)
+    assert all(torch.allclose(whole[k], micro[k], atol=1e-5) for k in whole)
+    assert any(not torch.equal(whole[k], build_model(cfg, 3).params[k].detach()) for k in whole)  # it trained
+
+
+def test_micro_batches_without_dp_take_the_whole_batch_step(cfg, train_data):
+    cfg = cfg.replace(local_steps=3, batch_size=32, dp=False, max_grad_norm=0.5)
+    states = []
+    for micro in (0, 7):
+        bundle = build_model(cfg, 3)
+        _no_dropout(bundle.model)
+        train_local(bundle, train_data, cfg.replace(micro_batch_size=micro), _keys(bundle, "A+B+head"), seed=(3, 1, 0))
+        states.append(_snapshot(bundle))
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
+
+
 def _recording_batches(monkeypatch) -> list[list[int]]:
     """Every Poisson batch that `dp_sgd_steps` draws from now on, as index lists."""
     from fedlora.privacy import dpsgd
