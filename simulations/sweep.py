@@ -233,8 +233,8 @@ class _RoundBar:
 def write_results(root: Path, runs: Sequence[SweepRun], grid_keys: Sequence[str] = ()) -> Path:
     """`<root>/results.csv`: one row per run and round of every run that has rows, tidy: the run's
     name, its grid values, how it ended, the round and that round's metrics."""
-    metric_keys = ("test_accuracy", "test_loss", "train_loss", "personalized_accuracy", "num_clients",
-                   "num_rejected", "epsilon_max", "epsilon_mean", "bytes_up", "bytes_down", "seconds",
+    metric_keys = ("test_accuracy", "test_loss", "test_perplexity", "train_loss", "personalized_accuracy",
+                   "num_clients", "num_rejected", "epsilon_max", "epsilon_mean", "bytes_up", "bytes_down", "seconds",
                    "client_train_seconds", "client_eval_seconds", "server_eval_seconds", "fair_cos_before",
                    "fair_cos_after", "skipped")
     table = []

