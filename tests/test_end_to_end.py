@@ -97,9 +97,9 @@ def _adapter_bundle(out_dir, cfg, adapter="adapter"):
 def _adapter_predictions(out_dir, cfg, adapter="adapter"):
     """Predictions of an exported adapter on the server's test split."""
     from fedlora.core.data import split_test
-    from fedlora.core.train import evaluate
+    from fedlora.core.task import get_task
 
-    return evaluate(_adapter_bundle(out_dir, cfg, adapter), split_test(cfg), cfg)["predictions"].tolist()
+    return get_task(cfg).evaluate(_adapter_bundle(out_dir, cfg, adapter), split_test(cfg), cfg)["predictions"].tolist()
 
 
 @pytest.mark.parametrize("strategy", ["fedsvd", "ffa", "fedit", "lorafair"])
@@ -157,11 +157,11 @@ def _merged_predictions(out_dir, cfg):
 
     from fedlora.core.data import split_test
     from fedlora.core.model import ModelBundle
-    from fedlora.core.train import evaluate
+    from fedlora.core.task import get_task
 
     model = AutoModelForSequenceClassification.from_pretrained(out_dir / "merged")
     bundle = ModelBundle(model, AutoTokenizer.from_pretrained(out_dir / "merged"), {}, str(out_dir / "merged"))
-    return model, evaluate(bundle, split_test(cfg), cfg)["predictions"].tolist()
+    return model, get_task(cfg).evaluate(bundle, split_test(cfg), cfg)["predictions"].tolist()
 
 
 @pytest.mark.parametrize("strategy, ranks", [("fedex", ""), ("flora", "2,4,8")])
@@ -276,12 +276,12 @@ def test_client_side_evaluation_with_a_frozen_head(tiny_overrides, tmp_path):
     # The exported adapter on each client's own held-out rows, weighted by their number: what the
     # clients reported, recomputed here without Flower.
     from fedlora.core.data import client_data
-    from fedlora.core.train import evaluate
+    from fedlora.core.task import get_task
 
     bundle = _adapter_bundle(out, cfg)
     local = [client_data(cfg, pid, 3).test for pid in range(3)]
     assert all(len(t) > 0 for t in local)
-    accuracy = [evaluate(bundle, t, cfg)["accuracy"] for t in local]
+    accuracy = [get_task(cfg).evaluate(bundle, t, cfg)["accuracy"] for t in local]
     expected = sum(a * len(t) for a, t in zip(accuracy, local)) / sum(len(t) for t in local)
     assert row["client_accuracy"] == pytest.approx(expected, abs=1e-9)
     saved = json.loads((out / "predictions.json").read_text())
