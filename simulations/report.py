@@ -93,9 +93,12 @@ def load_groups(folder: Path) -> list[Group]:
         raise ValueError(f"{folder}: no finished run (a folder with metrics.jsonl and run_config.json)")
     varying = sorted(k for k in set().union(*(cfg for cfg, _ in runs)) - _NOT_A_SETTING
                      if len({json.dumps(cfg.get(k)) for cfg, _ in runs}) > 1)
+    # A label names what varies among the runs that have the setting: not a non-private run's
+    # absent DP keys, nor the DP keys every private run shares (accountant=prv, ...).
+    shown = [k for k in varying if len({json.dumps(cfg[k]) for cfg, _ in runs if k in cfg}) > 1]
     groups: dict[str, Group] = {}
     for cfg, rows in runs:
-        label = ", ".join(f"{k}={cfg.get(k)}" for k in varying) or str(cfg.get("strategy", "run"))
+        label = ", ".join(f"{k}={cfg[k]}" for k in shown if k in cfg) or str(cfg.get("strategy", "run"))
         group = groups.setdefault(label, Group(label, {}, bool(cfg.get("dp")), {k: cfg.get(k) for k in varying}))
         group.runs[int(cfg.get("seed", 0))] = rows
     return list(groups.values())
