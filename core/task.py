@@ -3,8 +3,8 @@
 The apps, the privacy layer and the strategies do not know the task. A run's `task` key picks a
 `Task`, which owns everything that differs between tasks:
 
-* the model (`build_model`, `check_model`): a sequence classifier with its head, or a causal LM
-  whose LM head stays frozen;
+* the model (`build_model`; `core.model.check_model` checks either at start-up without weights):
+  a sequence classifier with its head, or a causal LM whose LM head stays frozen;
 * the rows (`load_shared`, `read_file`): labelled texts (`TextData`), or instruction data
   (`InstructionData`: prompt and answer token ids, `core/instructions.py`). Splitting, partitioning
   and holding out local test rows are the same for both (`core/data.py`);
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,49 +29,46 @@ import torch.nn.functional as F
 
 from .config import ConfigError, RunConfig
 from .data import DataReport, TextData, label_names, load_labelled, read_labelled
-from .model import ModelBundle, build_causal_lm, build_model, check_model, precision_context, save_adapter
+from .model import ModelBundle, build_causal_lm, build_model, precision_context, save_adapter
 
 __all__ = ["CausalLM", "Classification", "Task", "get_task"]
 
 
-class Task:
+class Task(ABC):
     """What one kind of fine-tuning needs besides what every run shares."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def build_model(self, cfg: RunConfig) -> ModelBundle:
-        raise NotImplementedError
+        """The peft-wrapped model of this task, seeded alike in every process."""
 
-    def check_model(self, cfg: RunConfig) -> None:
-        """Start-up check of the model settings without loading weights (`core.model.check_model`)."""
-        check_model(cfg)
-
+    @abstractmethod
     def load_shared(self, cfg: RunConfig) -> tuple[Any, DataReport]:
         """The whole shared dataset `cfg.dataset` and what loading it dropped or altered."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_file(self, cfg: RunConfig, path: str, *, key: str, text_column: str | None = None,
                   label_column: str | None = None) -> Any:
         """One site's file (or the server's test file), validated; errors name `key`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, bundle: ModelBundle, data: Any, cfg: RunConfig, device: torch.device):
         """A function: row indices -> (model output, target) on `device`, in training mode."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One loss per record, shape (batch,)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate(self, bundle: ModelBundle, data: Any, cfg: RunConfig) -> dict[str, Any]:
         """Metrics of the model on `data` ("accuracy" and "loss" among them where defined) and,
         under "predictions", what the final files need."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save_final(self, bundle: ModelBundle, out_dir: Path, test: Any, cfg: RunConfig, predictions: Any) -> None:
         """The adapter in `out_dir/adapter` and the final model's answers on the test data."""
-        raise NotImplementedError
 
 
 class Classification(Task):
