@@ -62,6 +62,20 @@ def fedlora_run(overrides: dict, *, num_supernodes: int = 3, timeout: float = 60
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def check_data_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`fedlora check-data ARGV` in this process: (exit code, stdout, stderr)."""
+    import argparse
+
+    from fedlora.simulations.checkdata import add_commands
+
+    parser = argparse.ArgumentParser(prog="fedlora")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["check-data", *argv])
+    rc = args.handler(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 @pytest.fixture
 def task_identity(monkeypatch):
     """Messages need a run id (and a node and task id), which Flower sets inside a real run: for

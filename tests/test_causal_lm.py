@@ -15,7 +15,7 @@ import torch
 from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.train import round_learning_rate
 
-from conftest import fedlora_run
+from conftest import check_data_cli, fedlora_run
 from synthetic import tiny_llama, write_instructions
 
 
@@ -293,33 +293,20 @@ def test_the_docs_smollm2_commands_and_adapter_snippet_work_as_written(tmp_path)
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _check_data(capsys, *argv: str) -> tuple[int, str, str]:
-    import argparse
-
-    from fedlora.simulations.checkdata import add_commands
-
-    parser = argparse.ArgumentParser(prog="fedlora")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["check-data", *argv])
-    rc = args.handler(args)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_check_data_reads_an_instruction_file_as_a_causal_lm_run_would(llama_dir, instructions, tmp_path, capsys):
     run = f"task='causal-lm' model='{llama_dir}' max-length=32"
-    rc, out, err = _check_data(capsys, str(instructions), "--run-config", run)
+    rc, out, err = check_data_cli(capsys, str(instructions), "--run-config", run)
     assert rc == 0, err
     assert f"{instructions}: 600 rows read, 600 kept (3 distinct answers)" in out
     assert "max-length 32: 0 prompts and 0 answers cut" in out and out.rstrip().endswith(f"can join a causal-lm run on {str(llama_dir)!r}")
-    rc, out, _ = _check_data(capsys, str(instructions), "--run-config", run, "--json")
+    rc, out, _ = check_data_cli(capsys, str(instructions), "--run-config", run, "--json")
     assert rc == 0 and json.loads(out)["rows_kept"] == 600
 
-    rc, out, err = _check_data(capsys, str(instructions), "--run-config", f"task='causal-lm' model='{llama_dir}' max-length=2")
+    rc, out, err = check_data_cli(capsys, str(instructions), "--run-config", f"task='causal-lm' model='{llama_dir}' max-length=2")
     assert rc == 2 and out == "" and "max-length" in err and "max-truncated-share" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "a", "reply": "b"}) + "\n")
-    rc, out, err = _check_data(capsys, str(bad), "--run-config", run)
+    rc, out, err = check_data_cli(capsys, str(bad), "--run-config", run)
     assert rc == 2 and "output-column" in err, err
-    rc, _, err = _check_data(capsys, str(bad))
+    rc, _, err = check_data_cli(capsys, str(bad))
     assert rc == 2 and "--labels is required" in err

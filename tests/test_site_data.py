@@ -5,13 +5,14 @@ All offline and fast: small files written to tmp_path, no model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import check_data_cli
 
 from fedlora.core.config import ConfigError, RunConfig
 from fedlora.core.data import (PARTITION_ID, DataError, client_data, data_report, is_site_data, label_names,
@@ -239,22 +240,11 @@ def test_the_global_split_and_partitions_refuse_site_data_clearly(sites):
 # --- fedlora check-data -------------------------------------------------------------------------
 
 
-def _check(capsys, *argv: str) -> tuple[int, str, str]:
-    from fedlora.simulations.checkdata import add_commands
-
-    parser = argparse.ArgumentParser(prog="fedlora")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["check-data", *argv])
-    rc = args.handler(args)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_check_data_accepts_a_good_file_and_says_what_it_holds(tmp_path, capsys):
     path = tmp_path / "site.csv"
     path.write_bytes(b"note,dx\n" + b"".join(b"text %d,%s\n" % (i, b"ab"[i % 2:i % 2 + 1]) for i in range(20))
                      + b",a\ncaf\xe9,b\n")
-    rc, out, err = _check(capsys, str(path), "--labels", "a,b,c", "--text-column", "note", "--label-column", "dx")
+    rc, out, err = check_data_cli(capsys, str(path), "--labels", "a,b,c", "--text-column", "note", "--label-column", "dx")
     assert rc == 0
     assert f"{path}: 22 rows read, 21 kept" in out
     assert "'a'  10" in out and "'b'  11" in out and "'c'  0" in out
@@ -262,7 +252,7 @@ def test_check_data_accepts_a_good_file_and_says_what_it_holds(tmp_path, capsys)
     assert out.rstrip().endswith(f"ok: {path} can join a run with labels ['a', 'b', 'c']")
     assert "fedlora check-data: warning: label 'c' has no rows" in err and "usable rows" not in err
 
-    rc, out, err = _check(capsys, str(path), "--labels", "a,b", "--text-column", "note", "--label-column", "dx",
+    rc, out, err = check_data_cli(capsys, str(path), "--labels", "a,b", "--text-column", "note", "--label-column", "dx",
                           "--json")
     result = json.loads(out)
     assert rc == 0 and result["ok"] and result["rows_per_label"] == {"a": 10, "b": 11} and not result["warnings"]
@@ -270,7 +260,7 @@ def test_check_data_accepts_a_good_file_and_says_what_it_holds(tmp_path, capsys)
 
 
 def test_check_data_warns_about_a_small_file(tmp_path, capsys):
-    rc, out, err = _check(capsys, _write(tmp_path / "few.jsonl", ["a", "b", "a"]), "--labels", "a,b")
+    rc, out, err = check_data_cli(capsys, _write(tmp_path / "few.jsonl", ["a", "b", "a"]), "--labels", "a,b")
     assert rc == 0 and "ok:" in out
     assert "warning: only 3 usable rows" in err
 
@@ -281,11 +271,11 @@ def test_check_data_warns_about_a_small_file(tmp_path, capsys):
     (["a", "b"], ["--labels", "a"], "at least 2 distinct labels"),
 ])
 def test_check_data_rejects_a_file_that_cannot_join(tmp_path, capsys, rows, argv, message):
-    rc, out, err = _check(capsys, _write(tmp_path / "site.csv", rows), *argv)
+    rc, out, err = check_data_cli(capsys, _write(tmp_path / "site.csv", rows), *argv)
     assert rc == 2 and out == ""
     assert err.startswith("fedlora check-data: error: ") and message in err
 
 
 def test_check_data_on_a_missing_file(capsys):
-    rc, out, err = _check(capsys, "/nonexistent/site.csv", "--labels", "a,b", "--json")
+    rc, out, err = check_data_cli(capsys, "/nonexistent/site.csv", "--labels", "a,b", "--json")
     assert (rc, out) == (2, "") and "'/nonexistent/site.csv' is not an existing file" in err
