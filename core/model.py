@@ -10,6 +10,7 @@ dict is what travels between server and clients.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -30,6 +31,7 @@ __all__ = [
     "adapter_params",
     "build_causal_lm",
     "build_model",
+    "causal_tokenizer",
     "check_model",
     "global_state",
     "load_state",
@@ -160,21 +162,31 @@ def build_model(cfg: RunConfig, num_labels: int, id2label: Mapping[int, str] | N
 
 def build_causal_lm(cfg: RunConfig) -> ModelBundle:
     """A decoder LM (`AutoModelForCausalLM`) + LoRA on `target-modules`; its LM head stays frozen
-    and is never exchanged. A tokenizer without a padding token pads with its end token (padding
-    is masked out of attention and loss, so any id will do)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    and is never exchanged. Its tokenizer is `causal_tokenizer`'s."""
+    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     path = model_dir(cfg)
     torch.manual_seed(cfg.seed)  # peft's Kaiming A: identical on server and clients
     try:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = causal_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model={cfg.model!r} could not be loaded from {path} as a causal LM: {exc}") from exc
+    return _bundle(cfg, path, _wrap(cfg, base, [], "CAUSAL_LM"), tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def causal_tokenizer(path: str):
+    """A causal LM's tokenizer (cached per process: the data is tokenised with it before, and
+    without, any model); one without a padding token pads with its end token (padding is masked
+    out of attention and loss, so any id will do)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return _bundle(cfg, path, _wrap(cfg, base, [], "CAUSAL_LM"), tokenizer)
+    return tokenizer
 
 
 def _bundle(cfg: RunConfig, path: str, model: torch.nn.Module, tokenizer: object) -> ModelBundle:

@@ -17,7 +17,6 @@ The apps, the privacy layer and the strategies do not know the task. A run's `ta
 
 from __future__ import annotations
 
-import functools
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -182,22 +181,12 @@ class CausalLM(Task):
             write_samples(bundle, test, cfg, out_dir / "samples.jsonl")
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:  # as build_causal_lm does
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def tokenizer(cfg: RunConfig):
     """The causal LM's tokenizer alone (cached per process): data is tokenised before, and without,
     any model (the runner's start-up checks, the server's test split)."""
-    from .model import model_dir
+    from .model import causal_tokenizer, model_dir
 
-    return _tokenizer(model_dir(cfg))
+    return causal_tokenizer(model_dir(cfg))
 
 
 def _encode(bundle: ModelBundle, texts: list[str], max_length: int, device: torch.device) -> dict:
