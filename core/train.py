@@ -16,7 +16,7 @@ from .model import ModelBundle, precision_context
 from .task import get_task
 
 if TYPE_CHECKING:
-    from fedlora.privacy.dpsgd import DPSettings
+    from fedlora.privacy.dpsgd import DPSettings, ExtraSlots
 
 __all__ = ["round_learning_rate", "train_local"]
 
@@ -39,7 +39,8 @@ def round_learning_rate(cfg: RunConfig, server_round: int) -> float:
 
 
 def train_local(bundle: ModelBundle, data, cfg: RunConfig, trainable: Sequence[str],
-                *, seed: Sequence[int], dp: DPSettings | None = None, server_round: int = 1) -> list[float]:
+                *, seed: Sequence[int], dp: DPSettings | None = None, server_round: int = 1,
+                extra: ExtraSlots | None = None) -> list[float]:
     """`local-steps` optimizer steps on `trainable` keys; returns the loss of every step.
 
     `data` is the task's (`TextData`, `InstructionData`). A fresh optimizer each round (as the
@@ -51,8 +52,11 @@ def train_local(bundle: ModelBundle, data, cfg: RunConfig, trainable: Sequence[s
     per step. Either way a batch runs in chunks of `micro-batch-size` rows when that is set
     (gradient accumulation: the same step, less memory). Dropout masks and the non-private
     batches follow from `seed`; the DP batches and noise are secret unless `dp.reproducible`
-    (dropout is data-independent: knowing its masks does not weaken the guarantee).
+    (dropout is data-independent: knowing its masks does not weaken the guarantee). `extra`
+    (DP only) adds sample slots with given gradients: a privacy audit's canaries.
     """
+    if extra is not None and dp is None:
+        raise ValueError("extra sample slots are a DP-SGD feature (an audit's canaries): pass dp")
     task = get_task(cfg)
     device = next(bundle.model.parameters()).device
     params = [bundle.params[k] for k in trainable]
@@ -79,7 +83,8 @@ def train_local(bundle: ModelBundle, data, cfg: RunConfig, trainable: Sequence[s
             )
 
             return dp_sgd_steps(bundle.model, optimizer, dp, num_examples=len(data), steps=cfg.local_steps,
-                                forward=forward, seed=seed, loss=task.loss, micro_batch_size=cfg.micro_batch_size)
+                                forward=forward, seed=seed, loss=task.loss, micro_batch_size=cfg.micro_batch_size,
+                                extra=extra)
         from fedlora.privacy.dpsgd import chunks
 
         batches = _batches(len(data), cfg.batch_size, np.random.default_rng(list(seed)))

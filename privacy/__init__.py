@@ -3,8 +3,9 @@
 `accounting`: sampling rate, noise calibration, ε of a step history and the per-client ledger;
 `dpsgd`: the DP-SGD local steps (Poisson batches, Opacus per-sample clipping, Gaussian noise);
 `report`: what the `fedlora privacy plan|report` commands compute; `cache`: the on-disk memo of the
-accountant's slow answers. Opacus is imported only when a function needs it, so importing this
-package is cheap.
+accountant's slow answers; `audit`: `fedlora privacy audit`, an empirical lower bound on ε from one
+DP-SGD run with canaries (not imported here: it needs the model code of `fedlora.core`). Opacus
+is imported only when a function needs it, so importing this package is cheap.
 """
 
 from __future__ import annotations

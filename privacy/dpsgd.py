@@ -29,6 +29,11 @@ An empty batch is still a step: its clipped sum is zero, so the update is pure n
 counted like any other (skipping it would reveal that the batch was empty, which the analysis
 does not allow). No forward pass is run for it: Hugging Face models fail on a batch of 0.
 
+A privacy audit (`fedlora.privacy.audit`) adds sample slots whose per-sample gradients it gives
+directly (`ExtraSlots`, its canaries): they go through the same sampling, clipping, noise and
+normalisation as the records, and the batches' generator is `batch_rng`, so that the audit can
+predict them as anyone who knows the seed could.
+
 Opacus' hooks are attached for the duration of `dp_sgd_steps` only and removed afterwards, also
 after an exception, because the same model object is trained again for the next client or round.
 """
@@ -48,8 +53,8 @@ from torch import nn
 
 from .accounting import PrivacyError
 
-__all__ = ["GRAD_SAMPLE_MODES", "REPRODUCIBLE_WARNING", "DPSettings", "Forward", "PerSampleLoss", "chunks", "dp_sgd_steps",
-           "poisson_batch"]
+__all__ = ["GRAD_SAMPLE_MODES", "REPRODUCIBLE_WARNING", "DPSettings", "ExtraSlots", "Forward", "PerSampleLoss",
+           "batch_rng", "chunks", "dp_sgd_steps", "poisson_batch"]
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 REPRODUCIBLE_WARNING = ("dp-reproducible = true: the DP-SGD batches and noise follow the run seed, so the "
@@ -122,6 +127,20 @@ class DPSettings:
                                f"one of {list(GRAD_SAMPLE_MODES)}")
 
 
+@dataclass(frozen=True)
+class ExtraSlots:
+    """`count` sample slots after the model's records whose per-sample gradients are given
+    directly instead of by a forward pass: a privacy audit's canaries (`fedlora.privacy.audit`).
+    They are sampled, clipped, summed, noised and normalised exactly like records (the expected
+    batch size is q·(records + count)). `gradients(idx)` gets the sampled slots' offsets (0 to
+    `count` - 1) and returns one tensor of shape (len(idx), *p.shape) per trainable parameter, in
+    the optimizer's order. Hooks mode only: ghost clipping never materialises per-sample gradients.
+    """
+
+    count: int
+    gradients: Callable[[np.ndarray], Sequence[torch.Tensor]]
+
+
 def poisson_batch(n: int, q: float, rng: np.random.Generator) -> np.ndarray:
     """Indices of a Poisson-sampled batch: each of `n` examples independently with probability `q`."""
     return np.flatnonzero(rng.random(n) < q)
@@ -177,19 +196,39 @@ def _opacus_hooks(model: nn.Module, dp: DPSettings) -> Iterator[object]:
                 p.__dict__.pop(attr, None)
 
 
-def _randomness(dp: DPSettings, seed: Sequence[int], device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
-    """The generators of the Poisson batches and of the noise: from 128 bits of OS entropy, or,
-    with `dp.reproducible`, from `seed`."""
-    words = list(seed) if dp.reproducible else [secrets.randbits(64), secrets.randbits(64)]
-    batch_state, noise_state = np.random.SeedSequence(words).spawn(2)
+def _secret_or_seed(dp: DPSettings, seed: Sequence[int]) -> np.random.SeedSequence:
+    """128 bits of OS entropy, fresh on every call; or, with `dp.reproducible`, `seed`."""
+    return np.random.SeedSequence(list(seed) if dp.reproducible else [secrets.randbits(64), secrets.randbits(64)])
+
+
+def batch_rng(dp: DPSettings, seed: Sequence[int]) -> np.random.Generator:
+    """The generator of a run's Poisson batches: secret, unless `dp.reproducible` (then it follows
+    `seed`, and anyone who knows `seed` can compute every batch: what a privacy audit checks)."""
+    return np.random.default_rng(_secret_or_seed(dp, seed).spawn(2)[0])
+
+
+def _noise_generator(dp: DPSettings, seed: Sequence[int], device: torch.device) -> torch.Generator:
+    """The generator of a run's Gaussian noise: secret, unless `dp.reproducible`."""
+    state = _secret_or_seed(dp, seed).spawn(2)[1]
     noise = torch.Generator(device=device)
-    noise.manual_seed(int(noise_state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
-    return np.random.default_rng(batch_state), noise
+    noise.manual_seed(int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+    return noise
+
+
+def _add_extra_rows(params: list[nn.Parameter], rows: Sequence[torch.Tensor]) -> None:
+    """Append given per-sample gradients (`ExtraSlots`) after the records' rows of a chunk, if any."""
+    for p, extra in zip(params, rows, strict=True):
+        if extra.shape[1:] != p.shape:
+            raise ValueError(f"an extra slot's gradient has shape {tuple(extra.shape[1:])}, its parameter "
+                             f"{tuple(p.shape)}")
+        own = getattr(p, "grad_sample", None)
+        p.grad_sample = extra.to(p) if own is None else torch.cat([own, extra.to(own)])
 
 
 def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings, *,
                  num_examples: int, steps: int, forward: Forward, seed: Sequence[int] = (),
-                 loss: PerSampleLoss = _cross_entropy, micro_batch_size: int = 0) -> list[float]:
+                 loss: PerSampleLoss = _cross_entropy, micro_batch_size: int = 0,
+                 extra: ExtraSlots | None = None) -> list[float]:
     """`steps` DP-SGD steps on the parameters of `optimizer` (the model's trainable ones).
 
     `forward` runs the model (in training mode) on a batch of example indices and `loss` turns its
@@ -197,19 +236,26 @@ def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSetti
     `micro_batch_size` > 0 a Poisson batch runs in chunks of that many records whose clipped
     per-sample gradients are summed before the one noise draw of the step. The Poisson
     batches and the noise are secret (OS entropy) unless `dp.reproducible`, when they follow
-    `seed`. Returns the mean loss of every step's batch, `nan` for a step whose batch was empty
-    (a noise-only step), so the list always has `steps` entries. Plain Python floats; the caller
+    `seed`. `extra` adds slots with given per-sample gradients (`ExtraSlots`). Returns the mean
+    loss of every step's records, `nan` for a step that sampled none (a noise-only step, or one
+    of extra slots only), so the list always has `steps` entries. Plain Python floats; the caller
     averages with nanmean.
     """
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-        raise ValueError(f"DP-SGD needs at least one example, got num_examples={num_examples!r}")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+        raise ValueError(f"num_examples={num_examples!r} must be an int >= 0")
+    slots = num_examples + (extra.count if extra else 0)
+    if slots < 1:
+        raise ValueError("DP-SGD needs at least one example (or extra slot), got none")
+    if extra and dp.grad_sample_mode != "hooks":
+        raise ValueError("extra sample slots need grad_sample_mode='hooks': ghost clipping never builds "
+                         "per-sample gradients to add them to")
     if dp.reproducible and not seed:
         raise ValueError("DPSettings.reproducible needs a seed to reproduce")
     params = _trainable(model, optimizer)
-    rng, generator = _randomness(dp, seed, params[0].device)
+    rng, generator = batch_rng(dp, seed), _noise_generator(dp, seed, params[0].device)
     ghost = dp.grad_sample_mode == "ghost"
     before = [p.detach().clone() for p in params]
     data_seen = False
@@ -222,7 +268,7 @@ def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSetti
             optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             # Normalising by the expected batch size q·n keeps the sensitivity of the mean at C/(q·n)
             # whatever batch was drawn; Opacus rounds it down to an int, we keep it exact.
-            expected_batch_size=dp.sample_rate * num_examples, loss_reduction="mean",
+            expected_batch_size=dp.sample_rate * slots, loss_reduction="mean",
             generator=generator)
         # Ghost clipping needs its criterion: it runs both backward passes inside `backward()`.
         criterion = (DPLossFastGradientClipping(hooks, dp_optimizer, _Criterion(loss), "mean")
@@ -230,7 +276,7 @@ def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSetti
         try:
             for _ in range(steps):
                 dp_optimizer.zero_grad(set_to_none=True)
-                idx = poisson_batch(num_examples, dp.sample_rate, rng)
+                idx = poisson_batch(slots, dp.sample_rate, rng)
                 if len(idx) == 0:
                     # Hand Opacus an empty per-sample set (hooks) or a zero clipped sum (ghost):
                     # its own step then adds the noise, scales by q·n and steps the optimizer.
@@ -242,18 +288,23 @@ def dp_sgd_steps(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSetti
                     dp_optimizer.step()
                     losses.append(math.nan)
                     continue
-                parts, total = chunks(idx, micro_batch_size), 0.0
+                parts, total, records = chunks(idx, micro_batch_size), 0.0, 0
                 for j, part in enumerate(parts):
                     if j:  # the per-sample gradients of the previous chunk; its clipped sum stays
                         dp_optimizer.zero_grad(set_to_none=True)
-                    batch_loss = criterion(*forward(part))
-                    batch_loss.backward()
+                    own = part[part < num_examples]
+                    if len(own):
+                        batch_loss = criterion(*forward(own))
+                        batch_loss.backward()
+                        total += float(batch_loss.detach()) * len(own)
+                        records += len(own)
+                    if len(own) < len(part):
+                        _add_extra_rows(params, extra.gradients(part[part >= num_examples] - num_examples))
                     # Clip and sum only, until the logical batch is complete: then noise, once.
                     dp_optimizer.signal_skip_step(do_skip=j < len(parts) - 1)
                     dp_optimizer.step()
-                    total += float(batch_loss.detach()) * len(part)
-                losses.append(total / len(idx))
-                data_seen = True
+                losses.append(total / records if records else math.nan)
+                data_seen = data_seen or records > 0
         finally:
             dp_optimizer.zero_grad(set_to_none=True)  # no noisy or per-sample grads left behind
     moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))

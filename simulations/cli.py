@@ -28,10 +28,14 @@ between methods (`report`).
     fedlora privacy plan (--epsilon E | --sigma S) --delta D (--sample-rate Q | --num-examples N
                          --batch-size B) --steps T [--accountant prv|rdp] [--json]
     fedlora privacy report OUTPUT_DIR|SITE_DIR [--json]
+    fedlora privacy audit [--run-config "..."] [--epsilon E | --sigma S] [--steps T] [--sample-rate Q]
+                          [--canaries M] [--guesses K] [--control] [--json] ...
 
 `plan` prints the noise multiplier that meets a target ε, or the ε a noise multiplier spends;
-`report` prints the budget each client of a DP run has spent, from its ledger. Both exit 2 on
-bad input.
+`report` prints the budget each client of a DP run has spent, from its ledger; `audit` trains one
+client's DP-SGD once with canaries and prints an empirical lower bound on ε beside the
+accountant's (`fedlora.privacy.audit`): exit 0 when no bound exceeds it, 1 when one does (a
+violation). All exit 2 on bad input.
 
     fedlora check-data FILE --labels a,b,c      a site checks its file before joining
     fedlora certs OUT_DIR --host H ...          the CA and the SuperLink's TLS certificate
@@ -188,10 +192,32 @@ def _privacy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_audit(args: argparse.Namespace) -> int:
+    from fedlora.core.config import RunConfig
+    from fedlora.privacy import PrivacyError
+    from fedlora.privacy.audit import AuditSettings, format_audit, run_audit
+
+    try:
+        cfg = RunConfig.from_run_config(_parse_overrides(args.run_config or []))
+        settings = AuditSettings(
+            epsilon=args.epsilon if args.sigma is None else None, sigma=args.sigma, steps=args.steps,
+            sample_rate=args.sample_rate, canaries=args.canaries,
+            delta=cfg.target_delta if args.delta is None else args.delta, confidence=args.confidence,
+            guesses=args.guesses, client=args.client, num_clients=args.num_clients, control=args.control,
+            seed=args.seed)
+        result = run_audit(cfg, settings, progress=lambda line: print(f"fedlora privacy audit: {line}",
+                                                                      file=sys.stderr, flush=True))
+    except (PrivacyError, ConfigError) as exc:
+        print(f"fedlora privacy audit: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else format_audit(result))
+    return 1 if result["violation"] else 0
+
+
 def _add_privacy(sub: argparse._SubParsersAction) -> None:
     from fedlora.privacy import ACCOUNTANTS
 
-    privacy = sub.add_parser("privacy", help="plan a DP budget, or report what a DP run spent")
+    privacy = sub.add_parser("privacy", help="plan a DP budget, report what a DP run spent, or audit DP-SGD")
     commands = privacy.add_subparsers(dest="privacy_command", required=True)
     plan = commands.add_parser(
         "plan", help="noise multiplier for a target epsilon, or epsilon of a noise multiplier",
@@ -214,6 +240,35 @@ def _add_privacy(sub: argparse._SubParsersAction) -> None:
                         help="the run's output-dir (ledgers in its privacy/), or a site's site-dir")
     report.add_argument("--json", action="store_true", help="print one JSON object")
     report.set_defaults(handler=_privacy_report)
+    audit = commands.add_parser(
+        "audit", help="an empirical lower bound on epsilon from one DP-SGD run with canaries",
+        description="Train one client's DP-SGD once, as a run would (the run config's model, strategy, data, "
+                    "clipping), with canaries as extra sample slots, and bound epsilon from below by how well "
+                    "an auditor tells which canaries were in (Steinke et al. 2023). Exit 0: no bound exceeds "
+                    "the accountant's epsilon; 1: one does (a violation); 2: bad input.")
+    audit.add_argument("--run-config", "-c", action="append", metavar="'K=V ...'|FILE.toml",
+                       help="the run config (default: the default job); its model, strategy, data, batch-size, "
+                            "max-grad-norm, accountant and seed are audited")
+    noise = audit.add_mutually_exclusive_group()
+    noise.add_argument("--epsilon", type=float, default=2.0,
+                       help="calibrate sigma to this epsilon over --steps at q (default: 2, where a violation can show)")
+    noise.add_argument("--sigma", type=float, help="audit this noise multiplier instead")
+    audit.add_argument("--steps", type=int, default=100, help="DP-SGD steps of the audited run (default: 100)")
+    audit.add_argument("--sample-rate", type=float, default=0.0,
+                       help="Poisson rate q (default: the client's training q, batch-size / its records)")
+    audit.add_argument("--canaries", type=int, default=1000, help="canaries, each in with probability 1/2 (default: 1000)")
+    audit.add_argument("--delta", type=float, default=None, help="delta (default: the run config's target-delta)")
+    audit.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default: 0.95)")
+    audit.add_argument("--guesses", type=int, default=0,
+                       help="guesses per side, fixed in advance (default: 0, the best of a grid, Bonferroni-corrected)")
+    audit.add_argument("--client", type=int, default=0, help="the audited client's partition (default: 0)")
+    audit.add_argument("--num-clients", type=int, default=10, help="clients the data is split into (default: 10)")
+    audit.add_argument("--control", action="store_true",
+                       help="the records contribute zero gradients: the audit without their blur")
+    audit.add_argument("--seed", type=int, default=None,
+                       help="seed of the canaries' coordinates and membership (default: OS entropy)")
+    audit.add_argument("--json", action="store_true", help="print one JSON object")
+    audit.set_defaults(handler=_privacy_audit)
 
 
 def _sweep(args: argparse.Namespace) -> int:

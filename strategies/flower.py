@@ -15,6 +15,7 @@ evaluate message to a client until that client's first non-error reply.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -293,7 +294,8 @@ class LoraStrategy(Strategy):
             "config": cfg}), MessageType.EVALUATE) for pid in pids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted means of the clients' accuracy and loss.
+        """Example-weighted means of the clients' accuracy and loss (those every reply has), and
+        for a causal LM the perplexity of that mean loss.
 
         `client_*` on their local test splits; for a personalised method also `global_*`: each
         client's own model on the global test split, a plain mean over clients (same split).
@@ -319,10 +321,14 @@ class LoraStrategy(Strategy):
                                  "client_eval_seconds": seconds}) if rejected else None
         n = np.array([int(m["num-examples"]) for m in rows], dtype=np.float64)
         out = {"client_evaluated": len(rows), "client_eval_rejected": len(rejected), "client_eval_seconds": seconds}
-        for key in ("accuracy", "loss"):
-            out[f"client_{key}"] = float(n @ np.array([float(m[key]) for m in rows]) / n.sum())
+        for key in ("accuracy", "loss"):  # a causal LM without label-like answers has no accuracy
+            if all(key in m for m in rows):
+                out[f"client_{key}"] = float(n @ np.array([float(m[key]) for m in rows]) / n.sum())
             if all(f"global-{key}" in m for m in rows):
                 out[f"global_{key}"] = float(np.mean([float(m[f"global-{key}"]) for m in rows]))
+        if "client_loss" in out and all("perplexity" in m for m in rows):
+            # the perplexity of the mean loss per answer token, not a mean of perplexities
+            out["client_perplexity"] = math.exp(min(out["client_loss"], 700.0))
         return MetricRecord(out)
 
     def summary(self) -> None:

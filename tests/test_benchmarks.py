@@ -22,6 +22,7 @@ import aggregation  # noqa: E402  (benchmarks/ is not a package)
 import compare  # noqa: E402
 import deployment  # noqa: E402
 import lorafair  # noqa: E402
+import privacy_audit  # noqa: E402
 
 SMALL = 64
 A_KEY, B_KEY = f"{aggregation.LAYER}.lora_A", f"{aggregation.LAYER}.lora_B"
@@ -259,3 +260,18 @@ def test_the_page_fault_benchmark_times_two_ways_of_one_sum():
 
     updates, weights = [torch.randn(64, 4) for _ in range(3)], [0.2, 0.3, 0.5]
     torch.testing.assert_close(page_faults.before(updates, weights), page_faults.now(updates, weights))
+
+
+def test_the_audit_benchmark_runs_the_command_and_its_seeded_variant_is_caught(tiny_overrides, tmp_path, capsys):
+    """benchmarks/privacy_audit.py on the tiny job: one run per variant, summarised per variant."""
+    import json
+
+    config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**tiny_overrides, "partitioner": "iid", "lora-rank": 16,
+                                                           "min-partition-size": 1}.items())
+    out = tmp_path / "audit.json"
+    privacy_audit.main(["--runs", "1", "--control-runs", "1", "--run-config", config, "--num-clients", "20",
+                        "--out", str(out)])
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"secret", "seeded", "control"}
+    assert summary["secret"]["violations"] == 0 and summary["seeded"]["violations"] == 1
+    assert summary["seeded"]["seed"]["min"] > summary["seeded"]["epsilon"] > summary["secret"]["seed"]["max"]

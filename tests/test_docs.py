@@ -1,6 +1,6 @@
 """The README says what the code does: its strategy table matches each method's flags and
 defaults, its configuration table lists every run-config key, and its `fedlora privacy plan`
-commands run as printed."""
+and `fedlora privacy audit` commands run as printed."""
 
 from __future__ import annotations
 
@@ -72,3 +72,16 @@ def test_the_readmes_check_data_command_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli(args) == 0
     assert "ok:" in capsys.readouterr().out
+
+
+AUDIT_COMMANDS = [line.split("#")[0].strip() for line in README.splitlines() if line.startswith("fedlora privacy audit")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", AUDIT_COMMANDS)
+def test_the_readmes_privacy_audit_commands_run(command, capsys):
+    """As printed: the default job (MiniLM, tweets), about half a minute each on this machine."""
+    assert len(AUDIT_COMMANDS) == 2
+    assert cli(shlex.split(command)[1:]) == 0
+    out = capsys.readouterr().out
+    assert "no violation found" in out and "ceiling: with every guess right this audit would show ε >= 5.27" in out

@@ -3,6 +3,8 @@ partition, what goes down on first contact, and how bad replies are dropped and 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -207,6 +209,23 @@ def test_ffa_evaluators_that_never_trained_get_a_until_they_answer():
     for m in evals[1:]:
         held = m.metadata.dst_node_id in trained_nodes
         assert ("l.lora_A" in again[m.metadata.dst_node_id].content["arrays"]) != held
+
+
+def test_causal_lm_client_evaluations_average_the_loss_and_give_its_perplexity():
+    """A causal LM without label-like answers reports loss and perplexity but no accuracy: the
+    server averages what every reply has, weighted by examples, and the perplexity is that mean
+    loss's (not a mean of perplexities)."""
+    strategy = LoraStrategy(get_method("fedit"), partitions=PARTITIONS, clients_per_round=2, seed=2,
+                            evaluate_clients=True)
+    evals = list(strategy.configure_evaluate(1, to_record(_state()), ConfigRecord({"final": False}), None))
+    losses, counts = (1.0, 3.0), (3, 1)
+    replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "loss": loss,
+                                                            "perplexity": math.exp(loss)})}), reply_to=m)
+               for m, loss, n in zip(evals, losses, counts)]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["client_evaluated"] == 2 and "client_accuracy" not in metrics
+    assert metrics["client_loss"] == pytest.approx(1.5)
+    assert metrics["client_perplexity"] == pytest.approx(math.exp(1.5))
 
 
 def test_a_fedsa_client_whose_reply_was_dropped_is_not_sent_the_initial_b_again():
