@@ -1,6 +1,6 @@
 """`fedlora report DIR`: plots and a table that compare the runs of a sweep folder (or show one run).
 
-    fedlora report SWEEP_DIR|RUN_DIR [--out FOLDER]
+    fedlora report SWEEP_DIR|RUN_DIR [--out FOLDER] [--time-to 0.6,0.65,0.7]
 
 Runs are grouped by every run-config key that differs between them except `seed`: a group is one
 method under one setting, its runs are its seeds. Written to `<DIR>/report/` (or `--out`):
@@ -9,11 +9,16 @@ method under one setting, its runs are its seeds. Written to `<DIR>/report/` (or
   lowest to its highest seed;
 * `epsilon.png` (private runs only): the largest ε any client has spent, per round;
 * `bytes.png`: bytes sent per round (up + down), per group;
+* `accuracy-time.png` (where the metrics have each round's `seconds`): test accuracy against wall
+  time (the rounds' `seconds` added up from the initial evaluation on; start-up not counted), per
+  group, mean over seeds;
 * `report.md`: per group, the final and best-of-last-3 test accuracy as mean ± std over seeds and
   the ε spent; then every pair of groups that differ in one setting (two strategies under the same
   budget, one strategy under two budgets) compared seed by seed (paired differences of the final
   accuracy, same seed in both): the mean difference with its 95 % t interval. A difference is
   claimed only where that interval excludes 0; with one shared seed there is no interval.
+  With `--time-to 0.6,0.65,0.7` it also gives each group's wall time to reach each test accuracy
+  (the same clock as `accuracy-time.png`), mean over the seeds that reached it.
 
 A single run's folder gets the same plots (one group, no pairs).
 """
@@ -26,7 +31,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +74,22 @@ class Group:
     def best_of_last_3(self, seed: int) -> float | None:
         acc = [r["test_accuracy"] for r in self.runs[seed] if r.get("test_accuracy") is not None]
         return max(acc[-3:]) if acc else None
+
+    def elapsed(self, seed: int) -> list[tuple[float, float]]:
+        """(wall seconds so far, test accuracy) after each evaluated round of one seed: the rounds'
+        `seconds` added up from the initial evaluation (round 0) on; [] if a round lacks them."""
+        out, clock = [], 0.0
+        for row in sorted(self.runs[seed], key=lambda r: int(r["round"])):
+            if row.get("seconds") is None:
+                return []
+            clock += float(row["seconds"])
+            if row.get("test_accuracy") is not None:
+                out.append((clock, float(row["test_accuracy"])))
+        return out
+
+    def time_to(self, seed: int, accuracy: float) -> float | None:
+        """Wall seconds until the first evaluation at or above `accuracy` (None: never reached)."""
+        return next((t for t, acc in self.elapsed(seed) if acc >= accuracy), None)
 
     def epsilon(self, seed: int) -> float | None:
         eps = [r["epsilon_max"] for r in self.runs[seed] if r.get("epsilon_max") is not None]
@@ -144,6 +165,21 @@ def _differences(a: Group, b: Group) -> set[str]:
     return keys - _DP_ONLY if "dp" in keys else keys
 
 
+def _time_table(groups: list[Group], thresholds: Sequence[float]) -> str:
+    head = " | ".join(f"to {a:g}" for a in thresholds)
+    lines = ["", "Wall time to reach a test accuracy (seconds from the initial evaluation on, start-up not "
+             "counted; mean over the seeds that reached it, how many of the group's seeds did):", "",
+             f"| group | {head} |", "|---|" + "---|" * len(thresholds)]
+    for g in groups:
+        cells = []
+        for a in thresholds:
+            times = [t for s in sorted(g.runs) if (t := g.time_to(s, a)) is not None]
+            cells.append(f"{statistics.fmean(times):.0f} s ({len(times)}/{len(g.runs)})" if times
+                         else f"not reached (0/{len(g.runs)})")
+        lines.append(f"| {g.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _table(groups: list[Group]) -> str:
     lines = ["| group | seeds | final accuracy | best of last 3 | ε spent (max) |", "|---|---|---|---|---|"]
     for g in groups:
@@ -200,14 +236,42 @@ def _plot(groups: list[Group], value: Callable[[dict[str, Any]], float | None], 
     plt.close(fig)
 
 
+def _plot_time(groups: list[Group], path: Path) -> None:
+    """Accuracy against wall time: per group, the seeds' mean time and mean accuracy after each
+    evaluation (only the evaluations every seed of the group has)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for g in groups:
+        curves = [c for s in sorted(g.runs) if (c := g.elapsed(s))]
+        if not curves:
+            continue
+        points = list(zip(*curves))  # the i-th evaluation of every seed
+        ax.plot([statistics.fmean(t for t, _ in p) / 60 for p in points],
+                [statistics.fmean(a for _, a in p) for p in points], marker="o",
+                label=f"{g.label} ({len(curves)} seeds)")
+    ax.set_xlabel("wall time (minutes, start-up not counted)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy against wall time (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _bytes(row: dict[str, Any]) -> float | None:
     if "bytes_up" not in row and "bytes_down" not in row:
         return None
     return row.get("bytes_up", 0) + row.get("bytes_down", 0)
 
 
-def write_report(folder: Path, out: Path | None = None) -> Path:
-    """The plots and report.md for `folder`; returns the report folder."""
+def write_report(folder: Path, out: Path | None = None, time_to: Sequence[float] = ()) -> Path:
+    """The plots and report.md for `folder` (with wall times to the accuracies in `time_to`);
+    returns the report folder."""
     groups = load_groups(folder)
     out = Path(out) if out else Path(folder) / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -217,13 +281,16 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
         _plot(groups, lambda r: r.get("epsilon_max"), "ε spent (largest client)", "Privacy spent per round",
               out / "epsilon.png", band=True)
     _plot(groups, _bytes, "bytes per round (up + down)", "Communication per round", out / "bytes.png", band=False)
-    (out / "report.md").write_text(f"# Report: {Path(folder).resolve().name}\n\n{_table(groups)}")
+    if any(g.elapsed(s) for g in groups for s in g.runs):  # the rounds' seconds are in the metrics
+        _plot_time(groups, out / "accuracy-time.png")
+    table = _table(groups) + (_time_table(groups, time_to) if time_to else "")
+    (out / "report.md").write_text(f"# Report: {Path(folder).resolve().name}\n\n{table}")
     return out
 
 
 def _report(args: argparse.Namespace) -> int:
     try:
-        out = write_report(args.folder, args.out)
+        out = write_report(args.folder, args.out, args.time_to)
     except (OSError, ValueError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
@@ -236,4 +303,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="plots and a comparison table of a sweep's runs (or of one run)")
     report.add_argument("folder", type=Path, help="a sweep's output-dir, or one run's output-dir")
     report.add_argument("--out", type=Path, help="where to write (default: FOLDER/report)")
+    report.add_argument("--time-to", type=_accuracies, default=(), metavar="ACC,ACC,...",
+                        help="also tabulate the wall time to reach these test accuracies, e.g. 0.6,0.65,0.7")
     report.set_defaults(handler=_report)
+
+
+def _accuracies(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected accuracies separated by commas, e.g. 0.6,0.65,0.7") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: an accuracy is in (0, 1]")
+    return values

@@ -195,7 +195,8 @@ class LoraStrategy(Strategy):
             sent = self._sent[pid]
             expected = self.method.uplink_keys(sent)
             metrics = reply.content["metrics"]
-            self._client_seconds += float(metrics.get("train-seconds", 0.0))
+            if "train-seconds" in metrics:  # private clients do not release it (client/app.py)
+                self._client_seconds = (self._client_seconds or 0.0) + float(metrics["train-seconds"])
             if "epsilon" in metrics:
                 self.epsilon[pid] = float(metrics["epsilon"])
             if "site-epsilon" in metrics:  # the site's lifetime spend, all its jobs together
@@ -241,7 +242,7 @@ class LoraStrategy(Strategy):
         Returns no arrays when no reply can be used (refusals, dropped or missing replies): the
         global state stays as it was, and `self.rejected` says why each reply was dropped.
         """
-        self._refused_now, self._client_seconds = 0, 0.0
+        self._refused_now, self._client_seconds = 0, None
         ok = self._valid_updates(replies)
         for reason in self.rejected:
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
@@ -254,9 +255,9 @@ class LoraStrategy(Strategy):
         self.trained = [pid for pid, *_ in ok]
         for pid in self.trained:
             self.participations[pid] = self.participations.get(pid, 0) + 1
-        counts = {"num_clients": len(ok), "num_rejected": len(self.rejections), "bytes_down": self._bytes_down,
-                  # the replies' own training time, summed: the rest of a round is the harness's
-                  "client_train_seconds": self._client_seconds}
+        counts = {"num_clients": len(ok), "num_rejected": len(self.rejections), "bytes_down": self._bytes_down}
+        if self._client_seconds is not None:  # the replies' own training time, summed: the rest is the harness's
+            counts["client_train_seconds"] = self._client_seconds
         if not ok:
             return None, MetricRecord({**counts, "bytes_up": 0})
         weights = normalized_weights([n for _, _, n, _ in ok])

@@ -243,3 +243,19 @@ def test_a_fedsa_client_whose_reply_was_dropped_is_not_sent_the_initial_b_again(
     for m in msgs[:-1]:
         assert "l.lora_B" not in later[m.metadata.dst_node_id].content["arrays"]
     assert "l.lora_B" in later[msgs[-1].metadata.dst_node_id].content["arrays"]  # it may not hold B
+
+
+def test_client_training_time_is_summed_where_clients_report_it_and_absent_where_they_do_not():
+    """Private clients do not release their training time (it follows their secret batch sizes):
+    the round then has no `client_train_seconds`, rather than a misleading 0."""
+    strategy, state = _strategy(k=2), _state()
+    b = {"l.lora_B": torch.ones(4, 2), "head.w": torch.zeros(3, 4)}
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), grid=None))
+    replies = [_reply(m, b) for m in msgs]
+    for reply, seconds in zip(replies, (1.5, 2.0), strict=True):
+        reply.content["metrics"]["train-seconds"] = seconds
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["client_train_seconds"] == pytest.approx(3.5)
+    msgs = list(strategy.configure_train(2, to_record(state), ConfigRecord(), grid=None))
+    _, metrics = strategy.aggregate_train(2, [_reply(m, b) for m in msgs])
+    assert "client_train_seconds" not in metrics

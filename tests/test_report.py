@@ -19,14 +19,15 @@ FINAL = {("fedsvd", 0): 0.70, ("fedsvd", 1): 0.72, ("fedsvd", 2): 0.71,
 
 
 def _run(root, strategy: str, seed: int, final: float, *, dp: bool = True, state: str = "completed",
-         **config) -> None:
+         seconds: float | None = None, **config) -> None:
     out = root / "-".join([strategy, str(seed), *map(str, config.values()), *(["np"] if config and not dp else [])])
     out.mkdir(parents=True)
     write_status(out, RunStatus(state, 3, "test"))
     (out / "run_config.json").write_text(json.dumps({"strategy": strategy, "seed": seed, "dp": dp,
                                                      "output-dir": str(out), "num-server-rounds": 3, **config}))
     rows = [{"round": r, "test_accuracy": final - 0.1 * (3 - r), "bytes_up": 100 * r, "bytes_down": 200 * r,
-             **({"epsilon_max": 1.0 * r} if dp else {})} for r in range(4)]
+             **({"epsilon_max": 1.0 * r} if dp else {}), **({"seconds": seconds} if seconds else {})}
+            for r in range(4)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -110,3 +111,31 @@ def test_a_strategys_default_learning_rate_is_not_a_setting_of_its_own(tmp_path)
     report = (write_report(tmp_path) / "report.md").read_text()
     assert "| learning-rate=default, strategy=fedsvd | learning-rate=default, strategy=fedit | 2 |" in report \
         or "| learning-rate=default, strategy=fedit | learning-rate=default, strategy=fedsvd | 2 |" in report
+
+
+def test_time_to_accuracy_adds_up_the_rounds_seconds_until_the_first_evaluation_that_reaches_it(tmp_path, capsys):
+    # accuracy final - 0.1·(3 - round): fedsvd seed 0 reaches 0.6 at round 2, 0.7 at round 3
+    for seed, final in [(0, 0.70), (1, 0.65)]:
+        _run(tmp_path, "fedsvd", seed, final, seconds=10.0)
+    _run(tmp_path, "fedit", 0, 0.62, seconds=20.0)
+    groups = {g.label: g for g in load_groups(tmp_path)}
+    fedsvd, fedit = groups["strategy=fedsvd"], groups["strategy=fedit"]
+    times, accuracies = zip(*fedsvd.elapsed(0))
+    assert times == (10, 20, 30, 40) and accuracies == pytest.approx((0.4, 0.5, 0.6, 0.7))
+    assert fedsvd.time_to(0, 0.6) == 30 and fedsvd.time_to(1, 0.6) == 40 and fedsvd.time_to(1, 0.7) is None
+    assert fedit.time_to(0, 0.6) == 80
+    assert cli(["report", str(tmp_path), "--time-to", "0.6,0.7"]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| group | to 0.6 | to 0.7 |" in report
+    assert "| strategy=fedsvd | 35 s (2/2) | 40 s (1/2) |" in report
+    assert "| strategy=fedit | 80 s (1/1) | not reached (0/1) |" in report
+    assert _png_size(tmp_path / "report" / "accuracy-time.png") == (770, 462)
+    with pytest.raises(SystemExit):
+        cli(["report", str(tmp_path), "--time-to", "60"])  # a percentage, not an accuracy
+    assert "an accuracy is in (0, 1]" in capsys.readouterr().err
+
+
+def test_without_round_times_there_is_no_time_to_accuracy(tmp_path):
+    _run(tmp_path, "fedsvd", 0, 0.7)
+    (group,) = load_groups(tmp_path)
+    assert group.elapsed(0) == [] and group.time_to(0, 0.5) is None
