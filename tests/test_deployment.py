@@ -357,16 +357,16 @@ def test_ctrl_c_leaves_the_run_and_flwr_stop_stops_it(fed):
         assert proc.poll() is None and time.monotonic() < deadline, fed.tracker.output(proc)[-4000:]
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does in a terminal
-    rc, out = fed.tracker.wait(proc, 60)
+    rc, out = fed.tracker.wait(proc, 180)  # generous: a loaded CI machine once needed more than 60 s
     assert rc == 128 + signal.SIGINT, out[-3000:]
     run_id = _run_id(out)
     assert f"interrupted by signal 2; stopped only the log streamer; run {run_id} goes on" in out
     assert fed.status(run_id) == "running"
     rc, out = fed.block("stop", {"RUN_ID": run_id})
     assert rc == 0, out
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while (status := fed.status(run_id)) == "running":
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, f"run {run_id} still running 180 s after flwr stop"
         time.sleep(1)
     assert status == "finished:stopped"
 
