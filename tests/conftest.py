@@ -7,6 +7,7 @@ from a vocabulary file written by the fixture, and the text carries a learnable 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,12 @@ os.environ["FEDLORA_TEST_SESSION"] = str(os.getpid())
 # The accountant's on-disk memo (fedlora.privacy.cache) of this session only: tests neither read
 # nor fill the user's ~/.cache.
 os.environ["FEDLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedlora-test-cache-")
+# A suite started as a background job of a non-interactive shell (`cmd &` in a script) inherits
+# SIGINT ignored, and an ignored signal stays ignored in every program it starts, so the tests that
+# press Ctrl-C (SIGINT to a `fedlora` process group) would find it shrugged off. A handler here is
+# reset to the default in each child at exec, as in a program started from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 
