@@ -31,7 +31,8 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,23 +211,30 @@ def _table(groups: list[Group]) -> str:
 
 def _plot(groups: list[Group], value: Callable[[dict[str, Any]], float | None], ylabel: str, title: str, path: Path,
           *, band: bool) -> None:
+    with _figure(path, "round", ylabel, title) as ax:
+        for g in groups:
+            curve = g.curve(value)
+            if not curve:
+                continue
+            rounds = list(curve)
+            means = [statistics.fmean(v) for v in curve.values()]
+            (line,) = ax.plot(rounds, means, marker="o", label=f"{g.label} ({len(g.runs)} seeds)")
+            if band and any(len(v) > 1 for v in curve.values()):
+                ax.fill_between(rounds, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
+                                color=line.get_color(), alpha=0.2)
+
+
+@contextmanager
+def _figure(path: Path, xlabel: str, ylabel: str, title: str) -> Iterator[Any]:
+    """One report plot: the axes to draw on, then labelled and saved as a 770×462 PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for g in groups:
-        curve = g.curve(value)
-        if not curve:
-            continue
-        rounds = list(curve)
-        means = [statistics.fmean(v) for v in curve.values()]
-        (line,) = ax.plot(rounds, means, marker="o", label=f"{g.label} ({len(g.runs)} seeds)")
-        if band and any(len(v) > 1 for v in curve.values()):
-            ax.fill_between(rounds, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
-                            color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("round")
+    yield ax
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -239,28 +247,16 @@ def _plot(groups: list[Group], value: Callable[[dict[str, Any]], float | None], 
 def _plot_time(groups: list[Group], path: Path) -> None:
     """Accuracy against wall time: per group, the seeds' mean time and mean accuracy after each
     evaluation (only the evaluations every seed of the group has)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for g in groups:
-        curves = [c for s in sorted(g.runs) if (c := g.elapsed(s))]
-        if not curves:
-            continue
-        points = list(zip(*curves))  # the i-th evaluation of every seed
-        ax.plot([statistics.fmean(t for t, _ in p) / 60 for p in points],
-                [statistics.fmean(a for _, a in p) for p in points], marker="o",
-                label=f"{g.label} ({len(curves)} seeds)")
-    ax.set_xlabel("wall time (minutes, start-up not counted)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Test accuracy against wall time (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, "wall time (minutes, start-up not counted)", "test accuracy",
+                 "Test accuracy against wall time (mean over seeds)") as ax:
+        for g in groups:
+            curves = [c for s in sorted(g.runs) if (c := g.elapsed(s))]
+            if not curves:
+                continue
+            points = list(zip(*curves))  # the i-th evaluation of every seed
+            ax.plot([statistics.fmean(t for t, _ in p) / 60 for p in points],
+                    [statistics.fmean(a for _, a in p) for p in points], marker="o",
+                    label=f"{g.label} ({len(curves)} seeds)")
 
 
 def _bytes(row: dict[str, Any]) -> float | None:
