@@ -150,15 +150,16 @@ def _log_sent(cfg: RunConfig, site: Site, msg: Message, context: Context, reply:
     """Append what leaves the site to `<site-dir>/sent.jsonl` (only with a site-dir: the simulation's
     virtual sites have no operator to read it)."""
     kind, content = msg.metadata.message_type, reply.content
+    refusal, spent = (str(content[key]["reason"]) if key in content else None for key in ("refusal", "budget-spent"))
     log(INFO, "fedlora site %d: %s reply sent%s", site.partition_id, kind,
-        f" (refused: {content['refusal']['reason']})" if "refusal" in content else "")
+        f" (refused: {refusal})" if refusal else f" (budget spent: {spent})" if spent else "")
     if site.site_dir:
         arrays = from_record(content["arrays"]) if "arrays" in content else {}
         row = {"time": time.time(), "job": _job(msg), "run": context.run_id, "kind": kind,
                "round": int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0,
                "bytes": payload_bytes(arrays), "arrays": {k: list(v.shape) for k, v in arrays.items()},
                "metrics": {k: v for k, v in dict(content["metrics"]).items()} if "metrics" in content else {},
-               "refusal": str(content["refusal"]["reason"]) if "refusal" in content else None}
+               "refusal": refusal, "budget_spent": spent}
         path = Path(site.site_dir) / "sent.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
@@ -218,6 +219,7 @@ def train(msg: Message, context: Context) -> Message:
             save_file({k: v.contiguous() for k, v in kept.items()}, str(kept_file))
         uplink = {k: trained[k] for k in method.uplink_keys(bundle.params)}
         metrics = {"num-examples": len(data.train)}
+        reply = RecordDict({"arrays": to_record(uplink)})
         if ledger is not None:
             # Recorded (and saved) before the update leaves: the update is what spends the budget.
             metrics["site-epsilon"] = ledger.record(server_round, dp.noise_multiplier, dp.sample_rate,
@@ -225,11 +227,17 @@ def train(msg: Message, context: Context) -> Message:
             metrics["epsilon"] = ledger.epsilon_of(job, cfg.target_delta)
             ledger.save(site.ledger_file(cfg))
             context.state[_LEDGER] = ConfigRecord({"json": json.dumps(ledger.state_dict())})
+            if server_round < cfg.num_server_rounds and (why_not := _dp_settings(cfg, ledger, job, len(data.train))[1]):
+                # This was its last affordable round. Said with the update, the server samples another
+                # client next time instead of this one, whose refusal would leave the round a client short
+                # (EXPERIMENTS.md, time to accuracy). σ, q and the history decide it: nothing that ε and
+                # num-examples do not already tell. The next round's check asks the memoised question.
+                reply["budget-spent"] = ConfigRecord({"reason": f"client {site.partition_id}: {why_not}"})
         else:  # under DP the loss on private records would be an unprotected release, and so would
             # the time: it follows the Poisson batches' sizes, which the accountant takes as secret
             metrics["train-loss"], metrics["train-seconds"] = float(np.nanmean(losses)), seconds
-    return _log_sent(cfg, site, msg, context, Message(
-        RecordDict({"arrays": to_record(uplink), "metrics": MetricRecord(metrics)}), reply_to=msg))
+        reply["metrics"] = MetricRecord(metrics)
+    return _log_sent(cfg, site, msg, context, Message(reply, reply_to=msg))
 
 
 def _dp_settings(cfg: RunConfig, ledger: PrivacyLedger, job: str, num_examples: int) -> tuple[DPSettings | None, str]:

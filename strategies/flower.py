@@ -105,7 +105,8 @@ class LoraStrategy(Strategy):
         self.rejections: list[tuple[int, str]] = []
         self.eval_rejections: list[tuple[int, str]] = []
         # Privacy: each client's ε as it last reported it, its aggregated participations, and the
-        # clients that refused because their budget is spent (never sampled again).
+        # clients whose budget is spent (never sampled again): they refused, or said so with their
+        # last update.
         self.epsilon: dict[int, float] = {}
         self.site_epsilon: dict[int, float] = {}
         self.participations: dict[int, int] = {}
@@ -201,6 +202,8 @@ class LoraStrategy(Strategy):
                 self.epsilon[pid] = float(metrics["epsilon"])
             if "site-epsilon" in metrics:  # the site's lifetime spend, all its jobs together
                 self.site_epsilon[pid] = float(metrics["site-epsilon"])
+            if "budget-spent" in reply.content:  # trained its last affordable round: counted, not sampled again
+                self.exhausted[pid] = str(reply.content["budget-spent"]["reason"])
             if int(metrics.get("refused", 0)):
                 # An explicit refusal (its privacy budget is spent): filtered out, never sampled again.
                 self.exhausted[pid] = str(reply.content["refusal"]["reason"]) if "refusal" in reply.content else ""

@@ -130,6 +130,19 @@ def test_a_client_past_its_budget_refuses_without_training(run_config, tmp_path)
     assert all(torch.equal(bundle.params[k], sent[k]) for k in sent if k in bundle.params)  # nothing trained
 
 
+def test_the_last_affordable_update_says_the_budget_is_spent(run_config, tmp_path):
+    config = {**run_config, "dp-max-participations": 2, "num-server-rounds": 5}
+    context = _context(config)
+    first, second = _train(config, context, 1), _train(config, context, 2)
+    assert "budget-spent" not in first.content
+    assert "client 0: one more round would spend" in str(second.content["budget-spent"]["reason"])
+    assert len(second.content["arrays"]) > 0 and "refused" not in second.content["metrics"]  # an update
+    assert [p["round"] for p in PrivacyLedger.load(ledger_path(tmp_path, 0)).participations] == [1, 2]
+    # In the run's last round there is no next round to ask about.
+    last = {**config, "num-server-rounds": 1, "dp-max-participations": 1}
+    assert "budget-spent" not in _train(last, _context(last, pid=1), 1).content
+
+
 def test_a_sent_once_factor_the_client_holds_is_never_overwritten(run_config):
     """FFA-LoRA's A arrives on first contact and is resent until the server sees a reply; a
     resent (here: different) A must not replace the one the client trained against."""

@@ -103,6 +103,21 @@ def test_a_round_without_a_usable_reply_is_skipped_not_an_error():
     assert strategy.privacy_metrics()["refused"] == 1 and len(strategy.exhausted) == 1
 
 
+def test_a_client_whose_last_update_says_its_budget_is_spent_is_aggregated_then_never_sampled():
+    strategy, state = _strategy("fedsvd", k=3), _state()
+    msgs = list(strategy.configure_train(1, to_record(state), ConfigRecord(), None))
+    b = {"l.lora_B": torch.ones(4, 2), "head.w": torch.zeros(3, 4)}
+    last = _reply(msgs[0], b)
+    last.content["budget-spent"] = ConfigRecord({"reason": "client 0: one more round would spend ε = 6.2"})
+    arrays, metrics = strategy.aggregate_train(1, [last, *(_reply(m, b) for m in msgs[1:])])
+    assert arrays is not None and metrics["num_clients"] == 3  # its update counts: it is within budget
+    spent = msgs[0].metadata.dst_node_id - 1000  # PARTITIONS: partition k is node 1000 + k
+    assert strategy.exhausted == {spent: "client 0: one more round would spend ε = 6.2"}
+    assert strategy.privacy_metrics()["refused"] == 0
+    later = [strategy.sample(r) for r in range(2, 12)]
+    assert all(len(s) == 3 and spent not in s for s in later)  # the round keeps its size without it
+
+
 def test_missing_and_failed_replies_are_named_by_the_message_they_answer():
     """A reply is attributed through the message it answers (Flower sets message ids when it
     sends), so an error made by the SuperLink for a vanished node names the right client, and a

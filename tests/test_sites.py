@@ -100,6 +100,15 @@ def test_a_site_trains_on_its_own_file_and_logs_what_it_sent(run_config, site_fi
     assert logged["kind"] == MessageType.TRAIN and logged["round"] == 1 and logged["bytes"] > 0
     assert logged["metrics"]["num-examples"] == 60 and all(k.endswith("lora_B") or k.startswith("head.")
                                                            for k in logged["arrays"])
+    assert logged["refusal"] is None and logged["budget_spent"] is None
+
+
+def test_a_site_logs_that_its_budget_is_spent_with_its_last_affordable_update(run_config, site_file, tmp_path):
+    config = {**run_config, "dp": True, "accountant": "rdp", "dp-max-participations": 1, "num-server-rounds": 2}
+    reply = client_app.train(_message(config, MessageType.TRAIN), _context(config, **_node(site_file, tmp_path)))
+    logged = json.loads((tmp_path / "site" / "sent.jsonl").read_text().splitlines()[-1])
+    assert logged["budget_spent"] == str(reply.content["budget-spent"]["reason"])
+    assert "one more round would spend" in logged["budget_spent"] and logged["bytes"] > 0
 
 
 def test_local_metrics_leave_only_where_the_site_allows(run_config, site_file, tmp_path):
