@@ -56,7 +56,7 @@ __all__ = ["RunOutputs"]
 RELEASED = ["the LoRA/head updates of the rounds it trained in (covered by ε)",
             "n_k, its number of training examples, for weighting (not covered)",
             "its ε: this job's and its lifetime's (not covered)",
-            "refusals and their reasons (not covered)",
+            "refusals and their reasons, and that its budget cannot fund another round (not covered)",
             "at the first query: its id, LoRA rank, fedlora version and data sizes (not covered)",
             "local evaluation metrics, only where the site sets allow-evaluation (not covered)"]
 
