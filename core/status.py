@@ -1,16 +1,23 @@
 """How a run ended: `<output-dir>/status.json`, written by the ServerApp every round and read by
 `fedlora run`, sweeps and resume.
 
-    {"state": "running" | "completed" | "budget-exhausted" | "failed",
+    {"state": "running" | "completed" | "budget-exhausted" | "stopped" | "failed",
      "last_round": <the last round whose row is in metrics.jsonl; 0 = the initial evaluation only,
                     -1 = none yet>,
      "reason": "<why it is in that state, in words>"}
 
 `completed`: every configured round ran. `budget-exhausted`: the run stopped early because every
 client that could still train has spent its privacy budget; it is finished, not interrupted.
+`stopped`: paused on request between two rounds (`fedlora stop OUTPUT_DIR`, or a first Ctrl-C in
+`fedlora run` or `fedlora sweep`): the checkpoint holds the last round whole and no round was begun,
+so `--resume` continues with nothing run (or, under DP, paid for) twice.
 `failed`: the ServerApp raised, or the run was stopped from outside (`fedlora run` records that
 when the ServerApp could not). A file still saying `running` after its run ended means the
 ServerApp died without a word (killed): readers treat it as failed.
+
+A stop is asked for with a file beside it, `<output-dir>/stop-requested` (`request_stop`): the
+ServerApp looks for it before each round, and deletes it when it stops or ends. A file is the one
+channel that works the same in a simulation and on a deployed SuperLink's machine.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .files import write_text_atomic
 
-__all__ = ["FINISHED", "STATES", "STATUS_FILE", "RunStatus", "check_fresh", "read_status", "write_status"]
+__all__ = ["FINISHED", "STATES", "STATUS_FILE", "STOP_FILE", "RunStatus", "check_fresh", "clear_stop",
+           "read_status", "request_stop", "stop_request", "write_status"]
 
 STATUS_FILE = "status.json"
-STATES = ("running", "completed", "budget-exhausted", "failed")
+STOP_FILE = "stop-requested"
+STATES = ("running", "completed", "budget-exhausted", "stopped", "failed")
 #: states of a run that ended as it should: its outputs are complete
 FINISHED = ("completed", "budget-exhausted")
 
@@ -46,6 +56,11 @@ class RunStatus:
     def finished(self) -> bool:
         """The run ended as it should (completed, or stopped because every budget is spent)."""
         return self.state in FINISHED
+
+    @property
+    def ended_cleanly(self) -> bool:
+        """The ServerApp itself ended the run between rounds: finished, or stopped on request."""
+        return self.finished or self.state == "stopped"
 
 
 def write_status(out_dir: str | os.PathLike[str], status: RunStatus) -> None:
@@ -77,3 +92,27 @@ def check_fresh(out_dir: str | os.PathLike[str]) -> None:
     if status is None or status.state != "failed" or status.last_round > 0:
         how = f"{status.state} after round {status.last_round}" if status else "no status.json"
         raise FileExistsError(f"output-dir {out_dir} already holds a run ({how}); choose another folder")
+
+
+def request_stop(out_dir: str | os.PathLike[str], who: str) -> None:
+    """Ask the run writing to `out_dir` to stop before its next round; `who` asked, in words."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    write_text_atomic(Path(out_dir) / STOP_FILE, json.dumps({"by": who, "at": when}) + "\n")
+
+
+def stop_request(out_dir: str | os.PathLike[str]) -> str | None:
+    """Who asked the run in `out_dir` to stop, and when, in words; None when nobody has."""
+    try:
+        raw = (Path(out_dir) / STOP_FILE).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        asked = json.loads(raw)
+        return f"asked by {asked['by']} at {asked['at']}"
+    except (ValueError, KeyError, TypeError):  # a file made by hand (`touch`) is a request too
+        return f"{STOP_FILE} found in {out_dir}"
+
+
+def clear_stop(out_dir: str | os.PathLike[str]) -> None:
+    """Withdraw a stop request (the ServerApp acted on it, or a new start must not obey an old one)."""
+    (Path(out_dir) / STOP_FILE).unlink(missing_ok=True)

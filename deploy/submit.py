@@ -14,7 +14,10 @@ ServerApp fails; this command does not:
 * exit 0: Flower reports the run `finished:completed` and, when the output-dir can be read from
   here, its status.json says `completed` or `budget-exhausted`; the last line says so (like
   `fedlora run`).
-* exit 1: the run failed, was stopped, or hangs (no log line for max(round-timeout,
+* exit 3: the run was paused on request between two rounds (`fedlora stop OUTPUT_DIR` on the
+  SuperLink's machine; read from status.json, so only where the output-dir can be read from here);
+  `--resume` continues it.
+* exit 1: the run failed, was stopped by Flower (`flwr stop`), or hangs (no log line for max(round-timeout,
   connect-timeout) + 120 s, or the SuperLink does not answer `flwr ls` 3 times in a row); the
   reason on stderr.
 * exit 2: bad input; nothing was submitted.
@@ -188,6 +191,9 @@ def _ending(cfg: RunConfig, run_id: str, flower_status: str) -> int:
 
     out = Path(cfg.output_dir)
     status = read_status(out)  # None: not readable from here (the SuperLink's machine)
+    if flower_status == "finished:completed" and status is not None and status.state == "stopped":
+        print(cli._ending(out, status, resume_with=f"{PROG} --superlink ... --resume"))
+        return cli.STOPPED
     if flower_status == "finished:completed" and (status is None or status.finished):
         print(cli._ending(out, status) if status is not None else
               f"fedlora: run {run_id} completed (Flower: {flower_status}); outputs in {out} on the "
@@ -204,8 +210,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     submit = subparsers.add_parser(
         "submit", help="run a job on a deployed federation (SuperLink + SuperNodes) and wait for its end",
         description="Submit the app to a SuperLink, stream its log and exit with the run's real end: 0 "
-                    "completed, 1 failed or stopped, 2 bad input, 128+N interrupted by signal N (the run "
-                    "itself goes on). See docs/deployment.md.")
+                    "completed, 1 failed or stopped by Flower, 2 bad input, 3 paused by `fedlora stop`, 128+N "
+                    "interrupted by signal N (the run itself goes on). See docs/deployment.md.")
     submit.add_argument("app", nargs="?", default=".",
                         help="the fedlora source folder (its pyproject.toml; default: .)")
     submit.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")

@@ -5,9 +5,11 @@ replies with the configured method, evaluate where there is labelled data, appen
 `metrics.jsonl` and write a checkpoint (`server/checkpoint.py`). A round with fewer than
 `min-clients` usable replies is skipped (the model stays as it was); the run stops early, cleanly,
 once every client has spent its privacy budget, and fails after `max-failed-rounds` skipped rounds
-in a row whose replies failed. `status.json` says how it ended. A run started with `resume = true`
-continues from the checkpoint in its `output-dir`. At the end the global adapter is written in
-peft format (`adapter/`).
+in a row whose replies failed. Before each round it looks for a stop request (`fedlora stop`, a
+first Ctrl-C: `core.status.request_stop`) and, if there is one, stops there, its last round
+checkpointed. `status.json` says how it ended. A run started with `resume = true` continues from
+the checkpoint in its `output-dir`. At the end the global adapter is written in peft format
+(`adapter/`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.core.config import RunConfig, check_ranks
 from fedlora.core.data import data_report, server_test
 from fedlora.core.model import global_state, load_state, pick_device, warm_start
+from fedlora.core.status import clear_stop, stop_request
 from fedlora.core.task import get_task
 from fedlora.core.version import VERSION
 from fedlora.privacy import REPRODUCIBLE_WARNING
@@ -144,7 +147,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds of federated LoRA fine-tuning and write the outputs.
 
     `<output-dir>/status.json` says how the run ended: `completed`, `budget-exhausted` (every
-    client that could still train refused: a clean, early end) or `failed` (this function raised).
+    client that could still train refused: a clean, early end), `stopped` (on request, between two
+    rounds: resumable) or `failed` (this function raised).
     """
     cfg = RunConfig.from_run_config(context.run_config)
     out_dir = Path(cfg.output_dir or Path.cwd() / "outputs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
@@ -159,6 +163,8 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException as exc:
         outputs.set_status("failed", f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        clear_stop(out_dir)  # acted on, or come too late: either way not for the next start
     outputs.set_status(state, reason)
     log(INFO, "fedlora: %s (%s)", state, reason)
 
@@ -189,6 +195,9 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs, checkpoint: Checkpoint
             ending = ("budget-exhausted", f"stopped before round {rnd}: every client has spent its "
                       f"privacy budget ({'; '.join(server.strategy.exhausted.values())})")
             break
+        if (asked := stop_request(outputs.dir)) is not None:
+            ending = ("stopped", f"stopped before round {rnd}, {asked}")
+            break
         row = server.round(rnd, final=rnd == cfg.num_server_rounds)
         outputs.write_round(row)
         save_checkpoint(outputs.dir, server.checkpoint(rnd, outputs.rows))
@@ -199,13 +208,8 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs, checkpoint: Checkpoint
 
     if cfg.dp:
         outputs.save_privacy(server.strategy)
-    if method.personalized:
-        outputs.plot()
-        log(INFO, "fedlora: each client's adapter in %s", outputs.dir / "adapters")
-    else:
-        outputs.save_final(server.bundle, server.test, server.predictions, merged=method.changes_base)
-        log(INFO, "fedlora: adapter in %s%s", outputs.dir / "adapter",
-            f", merged model in {outputs.dir / 'merged'}" if method.changes_base else "")
+    if ending[0] != "stopped":  # a paused run's model is in its checkpoint; the outputs come at its end
+        server.save_final(outputs)
     return ending
 
 
@@ -238,6 +242,7 @@ class _Server:
         """Continue after the checkpoint's round. The nodes' state did not survive (a new Flower
         run), so every sent-once factor is sent again until each client answers."""
         self.arrays = to_record(checkpoint.arrays)
+        load_state(self.bundle, checkpoint.arrays)  # the final outputs, should no round be left to run
         self.strategy.load_state_dict(checkpoint.strategy)
         self.strategy.contacted.clear()
         self.next_round = checkpoint.round + 1
@@ -246,6 +251,17 @@ class _Server:
         return Checkpoint(round=rnd, job=self.job, arrays=from_record(self.arrays),
                           strategy=self.strategy.state_dict(), rows=list(rows),
                           run_config=self.cfg.to_run_config(), extra={})
+
+    def save_final(self, outputs: RunOutputs) -> None:
+        """The ended run's model: the global adapter (merged model, predictions), or, for a
+        personalised method, the plot beside each client's adapter (written by the clients)."""
+        if self.method.personalized:
+            outputs.plot()
+            log(INFO, "fedlora: each client's adapter in %s", outputs.dir / "adapters")
+            return
+        outputs.save_final(self.bundle, self.test, self.predictions, merged=self.method.changes_base)
+        log(INFO, "fedlora: adapter in %s%s", outputs.dir / "adapter",
+            f", merged model in {outputs.dir / 'merged'}" if self.method.changes_base else "")
 
     def evaluate(self) -> dict:
         """The global model on the server's test data (if the server evaluates and has any)."""

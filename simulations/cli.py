@@ -10,7 +10,9 @@ the checkpoint in its folder, with its saved config; only `num-server-rounds` an
 change. Exit 0: the run completed, or stopped early because every client's privacy budget was
 spent; the last line says which, after what round, and lists the outputs it wrote. Exit 1: the run
 failed or hung (the reason on stderr and in `<output-dir>/status.json`). Exit 2: bad input, before
-anything started. 128 + N: stopped by signal N (Ctrl-C, `kill`); every process it started is stopped.
+anything started. Exit 3: stopped on request between two rounds (a first Ctrl-C, or `fedlora stop`),
+its last round checkpointed: `--resume` continues it. 128 + N: stopped at once by signal N (a second
+Ctrl-C, `kill`); every process it started is stopped.
 With `--ray-address` (or `RAY_ADDRESS`) the clients run on that Ray cluster, after a check that
 every node sees the run's model, data and output folder (`cluster`, docs/cluster.md).
 
@@ -18,7 +20,14 @@ every node sees the run's model, data and output folder (`cluster`, docs/cluster
 
 runs every cell of an experiment's grid (`sweep`: one `fedlora run` each, into its own folder),
 skipping finished cells and resuming interrupted ones, so the same command continues a sweep.
-Exit 0: every cell finished; 1: some failed (the others ran); 2: bad input.
+Exit 0: every cell finished; 1: some failed (the others ran); 2: bad input; 3: stopped on request
+(a first Ctrl-C stops the cell in progress before its next round, and the sweep there).
+
+    fedlora stop OUTPUT_DIR
+
+asks the run writing to OUTPUT_DIR (a simulation, or a deployed run on the SuperLink's machine) to
+stop before its next round: it checkpoints the round in progress, writes `stopped` in status.json
+and ends; `--resume` continues it with nothing run or paid for twice.
 
     fedlora report SWEEP_DIR|RUN_DIR [--out FOLDER]
 
@@ -61,6 +70,7 @@ __all__ = ["main"]
 _OUTPUTS = (("metrics", "metrics.jsonl"), ("adapter", "adapter"), ("merged model", "merged"),
             ("each client's adapter", "adapters"), ("privacy budgets", "privacy.json"))
 _FEDERATION = "federation.json"  # in <output-dir>/logs: the simulation's client count, for --resume
+STOPPED = 3  # the exit status of a run (or sweep) stopped on request between rounds
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -134,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the runner has said so and stopped everything: no traceback
         return 128 + signal.SIGINT
     print(_ending(Path(cfg.output_dir), status))
-    return 0
+    return STOPPED if status.state == "stopped" else 0
 
 
 def _check_cluster(cfg, address: str, quiet: bool) -> None:
@@ -149,10 +159,16 @@ def _check_cluster(cfg, address: str, quiet: bool) -> None:
               f"output-dir ({', '.join(n.node for n in nodes)})", flush=True)
 
 
-def _ending(out: Path, status: RunStatus) -> str:
-    """The last line of a finished run: how it ended, and where the outputs it wrote are."""
-    how = (f"completed after round {status.last_round}" if status.state == "completed" else
-           f"stopped early after round {status.last_round}: {status.state} ({status.reason})")
+def _ending(out: Path, status: RunStatus, resume_with: str = "fedlora run --resume") -> str:
+    """The last line of an ended run: how it ended, and where the outputs it wrote are; a stopped
+    run's says the command (`resume_with` OUTPUT_DIR) that continues it."""
+    if status.state == "completed":
+        how = f"completed after round {status.last_round}"
+    elif status.state == "stopped":
+        how = (f"stopped after round {status.last_round} on request ({status.reason}); continue with "
+               f"`{resume_with} {out}`")
+    else:
+        how = f"stopped early after round {status.last_round}: {status.state} ({status.reason})"
     return f"fedlora: {how}; " + ", ".join(f"{what} in {out / name}" for what, name in _OUTPUTS
                                            if (out / name).exists())
 
@@ -272,14 +288,15 @@ def _add_privacy(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    """`fedlora sweep`: 0 when every run finished, 1 when some failed (the others ran), 2 bad input."""
+    """`fedlora sweep`: 0 when every run finished, 1 when some failed (the others ran), 2 bad input,
+    3 stopped on request."""
     from .cluster import ray_address
     from .sweep import Experiment, run_sweep
 
     try:
         experiment = Experiment.from_toml(args.experiment)
         runs = experiment.runs()
-        failed = run_sweep(Path(args.app), runs, experiment.root, num_supernodes=experiment.num_supernodes,
+        result = run_sweep(Path(args.app), runs, experiment.root, num_supernodes=experiment.num_supernodes,
                            client_cpus=experiment.client_cpus, grid_keys=experiment.columns(),
                            ray_address=ray_address(args.ray_address), before_run=_check_cluster)
     except ConfigError as exc:
@@ -287,9 +304,30 @@ def _sweep(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
-    print(f"fedlora sweep: {len(runs) - len(failed)} of {len(runs)} runs finished"
-          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; results in {experiment.root / 'results.csv'}")
-    return 1 if failed else 0
+    print(f"fedlora sweep: {result.finished} of {len(runs)} runs finished"
+          + (f"; failed: {', '.join(result.failed)}" if result.failed else "")
+          + (f"; stopped on request in {result.stopped}: the same command resumes it" if result.stopped else "")
+          + f"; results in {experiment.root / 'results.csv'}")
+    return STOPPED if result.stopped else 1 if result.failed else 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    """`fedlora stop`: 0 when the request is written, 2 when OUTPUT_DIR holds no running run."""
+    from fedlora.core.status import read_status, request_stop
+
+    status = read_status(args.output_dir)
+    if status is None:
+        print(f"fedlora stop: error: {args.output_dir} holds no run (no readable status.json)", file=sys.stderr)
+        return 2
+    if status.state != "running":
+        print(f"fedlora stop: error: the run in {args.output_dir} is not running ({status.state} after round "
+              f"{status.last_round}); nothing to stop", file=sys.stderr)
+        return 2
+    request_stop(args.output_dir, "fedlora stop")
+    print(f"fedlora stop: asked the run in {args.output_dir} to stop before its next round (round "
+          f"{status.last_round} is done); it checkpoints the round in progress, then writes 'stopped' in "
+          "status.json.")
+    return 0
 
 
 _RAY_HELP = ("run the clients on this Ray cluster (its head's address; default: $RAY_ADDRESS, else a private "
@@ -321,6 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--app", default=".", help="the Flower app folder (default: .)")
     sweep.add_argument("--ray-address", metavar="HOST:PORT", default=None, help=_RAY_HELP)
     sweep.set_defaults(handler=_sweep)
+    stop = sub.add_parser("stop", help="ask a run to stop before its next round (resumable, nothing paid twice)",
+                          description="Write a stop request into OUTPUT_DIR: the ServerApp writing there stops "
+                                      "before its next round, its last round checkpointed, and status.json says "
+                                      "'stopped'; --resume continues it. Run it where OUTPUT_DIR is (a deployed "
+                                      "run: on the SuperLink's machine). Exit 0: asked; 2: no running run there.")
+    stop.add_argument("output_dir", type=Path, help="the run's output-dir")
+    stop.set_defaults(handler=_stop)
     _add_privacy(sub)
     from fedlora.deploy.keys import add_commands as add_key_commands
     from fedlora.deploy.submit import add_commands as add_submit_commands

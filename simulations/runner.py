@@ -10,8 +10,14 @@ its log, reads the final status with `flwr ls`, and stops every process it start
 It never waits without limit: `follow_run` ends the wait as a hang when the SuperLink exits, when
 `flwr ls` fails 3 times in a row, or when no log line arrives for `round-timeout` + 120 s. The run
 counts as finished only when Flower reports it completed and its `status.json` says `completed` or
-`budget-exhausted`; a run that failed, hung or was interrupted is recorded there as `failed`, with
-the reason, when the ServerApp could not record it itself.
+`budget-exhausted` (or `stopped`: paused on request, resumable); a run that failed, hung or was
+interrupted is recorded there as `failed`, with the reason, when the ServerApp could not record it
+itself.
+
+A first Ctrl-C asks the ServerApp to stop before its next round (`graceful_interrupt`), so that a
+private run is not charged twice for the round it would otherwise lose; a second stops everything
+at once. The `flwr` processes it starts run in sessions of their own, so that the terminal's Ctrl-C
+reaches only this process, which decides.
 """
 
 from __future__ import annotations
@@ -36,11 +42,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedlora.core.config import ConfigError, RunConfig
-from fedlora.core.status import RunStatus, read_status, write_status
+from fedlora.core.status import RunStatus, clear_stop, read_status, request_stop, write_status
 
 __all__ = ["IDLE_MARGIN", "MAX_STATUS_FAILURES", "RunFailed", "app_defaults", "check_output_dir", "check_resumable",
-           "client_gpu_share", "federation_config", "follow_run", "preflight", "resolve_config", "run_simulation",
-           "submit_and_follow", "unwind_on_signals", "write_run_config"]
+           "client_gpu_share", "federation_config", "follow_run", "graceful_interrupt", "preflight", "resolve_config",
+           "run_simulation", "submit_and_follow", "unwind_on_signals", "write_run_config"]
 
 _CONNECTION = "fedlora-local"
 #: seconds without a log line, beyond `round-timeout`, after which a run counts as hung
@@ -167,6 +173,32 @@ def _free_port() -> int:
 
 def _raise_exit(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+@contextmanager
+def graceful_interrupt(out_dir: Path, who: str) -> Iterator[None]:
+    """While inside: the first Ctrl-C (SIGINT) asks the run in `out_dir` to stop before its next
+    round (`request_stop`, naming `who`) and says so; the next gets the handler from before (Python's:
+    KeyboardInterrupt). Outside the main thread (where signal handlers cannot be set), and where
+    SIGINT is ignored (a background job of a non-interactive shell), nothing changes."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield
+        return
+    previous = previous if previous is not None else signal.default_int_handler  # None: set outside Python
+
+    def first(_signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGINT, previous)
+        request_stop(out_dir, who)
+        print(f"fedlora: stopping before the next round ({who}); the round in progress ends and is "
+              "checkpointed. Ctrl-C again to stop at once: that round is then lost and, under DP, "
+              "paid for again when resumed", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def unwind_on_signals() -> None:
@@ -318,7 +350,7 @@ def _stop_tree(proc: subprocess.Popen, grace: float = 15.0, marker: str | None =
 def _flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([_flwr_bin("flwr"), *args], env=env, text=True, capture_output=True,
-                              timeout=timeout)
+                              timeout=timeout, start_new_session=True)  # out of the terminal's Ctrl-C
     except subprocess.TimeoutExpired:
         raise RunFailed(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from None
 
@@ -326,7 +358,8 @@ def _flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subpr
 def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client_cpus: int = 1,
                    client_gpus: float = 0.0, quiet: bool = False, ray_address: str = "local") -> RunStatus:
     """Run the app to its end, its clients on the Ray at `ray_address` (a private local one by
-    default); returns how it ended (`completed` or `budget-exhausted`).
+    default); returns how it ended (`completed`, `budget-exhausted`, or `stopped` on request: a
+    first Ctrl-C while it runs asks for that, see `graceful_interrupt`).
 
     Raises `RunFailed` when the run failed or hung; that and an interruption (SIGINT, or a signal
     `unwind_on_signals` turned into SystemExit) stop every process this started and leave
@@ -336,10 +369,12 @@ def run_simulation(app_dir: Path, cfg: RunConfig, num_supernodes: int, *, client
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     write_run_config(logs / "run_config.toml", cfg)
+    clear_stop(out_dir)  # a request left from an earlier start is not for this one
     try:
-        run_id, flower_status = _submit_and_follow(app_dir, cfg, federation_config(num_supernodes, client_cpus,
-                                                                                   client_gpus), quiet, logs,
-                                                   ray_address)
+        with graceful_interrupt(out_dir, "Ctrl-C in fedlora"):
+            run_id, flower_status = _submit_and_follow(app_dir, cfg, federation_config(num_supernodes, client_cpus,
+                                                                                       client_gpus), quiet, logs,
+                                                       ray_address)
     except BaseException as exc:
         reason = _failure_reason(exc)
         _record_failure(out_dir, reason)
@@ -397,7 +432,7 @@ def submit_and_follow(app_dir: Path, connection: str, env: dict[str, str], run_c
         on_submit(run_id)
     streamer = subprocess.Popen([_flwr_bin("flwr"), "log", run_id, connection, "--stream"],
                                 env=env, text=True, errors="replace", stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
 
     def on_line(line: str) -> None:
         if log_file is not None:
@@ -497,17 +532,18 @@ def _ending(out_dir: Path, run_id: str, flower_status: str, log: Path) -> RunSta
     if status is None or status.state == "running":  # the ServerApp was killed, or never started
         status = _record_failure(out_dir, f"the ServerApp ended without writing its status "
                                           f"(Flower: {flower_status})")
-    if flower_status == "finished:completed" and status.finished:
+    if flower_status == "finished:completed" and status.ended_cleanly:
         return status
     raise RunFailed(f"run {run_id} ended as {flower_status!r}, {status.state} after round "
                     f"{status.last_round}: {status.reason}; the log is in {log}")
 
 
 def _record_failure(out_dir: Path, reason: str) -> RunStatus:
-    """Write status.json as `failed` for `reason`, keeping its last round; a finished run (all its
-    outputs written before the trouble) keeps its status. Returns what status.json now says."""
+    """Write status.json as `failed` for `reason`, keeping its last round; a run that ended cleanly
+    before the trouble (finished, or stopped on request) keeps its status. Returns what status.json
+    now says."""
     status = read_status(out_dir)
-    if status is not None and status.finished:
+    if status is not None and status.ended_cleanly:
         return status
     failed = RunStatus("failed", status.last_round if status else -1, reason)
     write_status(out_dir, failed)

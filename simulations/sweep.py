@@ -23,7 +23,8 @@ Each run gets its own folder `<root>/<name>/` (`strategy-fedsvd__seed-0`). A run
 because every budget was spent) is skipped; one that stopped after a round it checkpointed is
 resumed from that checkpoint (`resume = true`); any other (no status, failed before round 1) is
 cleared and run again. So a sweep killed halfway (a closed laptop, a CI limit) is resumed by
-starting the same command again. `<root>/results.csv` has one row per run and round (tidy: the
+starting the same command again. A first Ctrl-C (or `fedlora stop` on the run in progress) stops
+that run before its next round and the sweep after it, so that no private round is paid twice. `<root>/results.csv` has one row per run and round (tidy: the
 grid's keys as columns), rewritten after every run; the summary has the finished runs only.
 """
 
@@ -48,7 +49,7 @@ from fedlora.core.status import read_status
 
 from .runner import RunFailed, client_gpu_share, preflight, resolve_config, run_simulation, unwind_on_signals
 
-__all__ = ["Experiment", "SweepRun", "read_rows", "run_sweep", "summarize", "write_results"]
+__all__ = ["Experiment", "SweepResult", "SweepRun", "read_rows", "run_sweep", "summarize", "write_results"]
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,24 @@ def read_rows(out_dir: Path) -> list[dict]:
     return rows
 
 
+@dataclass(frozen=True)
+class SweepResult:
+    """How a sweep ended: its runs that finished and failed, and the one stopped on request (then
+    the sweep stopped there, and the runs after it did not start)."""
+
+    finished: int
+    failed: list[str]
+    stopped: str | None = None
+
+
 def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supernodes: int = 10,
               client_cpus: int = 1, grid_keys: Sequence[str] = (), ray_address: str = "local",
-              before_run: Callable[[Any, str, bool], None] | None = None) -> list[str]:
+              before_run: Callable[[Any, str, bool], None] | None = None) -> SweepResult:
     """Run every unfinished run of `runs` in turn on the Ray at `ray_address`, with a progress bar
-    over runs and one over the current run's rounds; returns the names of the runs that failed
-    (the others go on). Every run's config is checked before the first starts, and each again
-    (`preflight`, then `before_run(cfg, ray_address, quiet)`) just before it starts.
+    over runs and one over the current run's rounds; a run that fails is named in the result and
+    the others go on, while one stopped on request ends the sweep. Every run's config is checked
+    before the first starts, and each again (`preflight`, then `before_run(cfg, ray_address,
+    quiet)`) just before it starts.
     `<root>/results.csv` (`write_results`, with `grid_keys` as columns) is rewritten after each run."""
     from tqdm import tqdm
 
@@ -154,7 +166,7 @@ def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supern
         raise ValueError(f"sweep run names must be unique: {names}")
     plans = [(run, _plan(app_dir, run, root)) for run in runs]  # ConfigError now, not after hours
     client_gpus = client_gpu_share(None, client_cpus)
-    failed = []
+    failed, stopped = [], None
     done = sum(action == "skip" for _, (action, _) in plans)
     with tqdm(total=len(runs), initial=done, desc="runs", unit="run", position=0) as bar:
         for run, (action, cfg) in plans:
@@ -172,17 +184,22 @@ def run_sweep(app_dir: Path, runs: Sequence[SweepRun], root: Path, *, num_supern
                 with _RoundBar(out, cfg.num_server_rounds, run.name):
                     status = run_simulation(app_dir, cfg, num_supernodes, client_cpus=client_cpus,
                                             client_gpus=client_gpus, quiet=True, ray_address=ray_address)
-                rows = read_rows(out)
-                bar.write(f"{run.name}: {status.state} after round {status.last_round} in "
-                          f"{time.monotonic() - t0:.0f} s, final test accuracy "
-                          f"{rows[-1].get('test_accuracy', float('nan')):.3f}")
             except RunFailed as exc:
                 failed.append(run.name)
                 bar.write(f"{run.name}: failed: {exc}")
-            bar.update(1)
+                status = None
             write_results(root, runs, grid_keys)
-    write_results(root, runs, grid_keys)
-    return failed
+            if status is not None:
+                bar.write(f"{run.name}: {status.state} after round {status.last_round} in "
+                          f"{time.monotonic() - t0:.0f} s, test accuracy "
+                          f"{read_rows(out)[-1].get('test_accuracy', float('nan')):.3f}")
+                if status.state == "stopped":
+                    stopped = run.name
+                    break
+                done += 1
+            bar.update(1)
+    write_results(root, runs, grid_keys)  # also when every run was skipped
+    return SweepResult(finished=done, failed=failed, stopped=stopped)
 
 
 def _plan(app_dir: Path, run: SweepRun, root: Path) -> tuple[str, Any]:

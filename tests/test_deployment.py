@@ -111,6 +111,13 @@ class Federation:
         extra = "".join(f' -c "{c}"' for c in (self.tiny if tiny else "", settings) if c)
         return self.block(name, {"RUN": str(run)}, edit=lambda code: code.rstrip() + extra, background=background)
 
+    def wait_for(self, proc, text: str, timeout: float = 300) -> None:
+        """Until the background `proc` has printed `text`; fails if it ends or `timeout` s pass first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.tracker.output(proc):
+            assert proc.poll() is None and time.monotonic() < deadline, self.tracker.output(proc)[-4000:]
+            time.sleep(1)
+
     def status(self, run_id: str) -> str:
         res = self.flwr("ls", "federation", "--run-id", run_id, "--format", "json")
         return json.loads(res.stdout[res.stdout.index("{"):])["runs"][0]["status"]
@@ -352,10 +359,7 @@ def test_failing_serverapp_exits_1(fed):
 def test_ctrl_c_leaves_the_run_and_flwr_stop_stops_it(fed):
     run = fed.tmp / "fed" / "runs" / "stopped"
     proc = fed.submit(run, "num-server-rounds=50", background=True)
-    deadline = time.monotonic() + 300
-    while "fedlora: round 1/50" not in fed.tracker.output(proc):
-        assert proc.poll() is None and time.monotonic() < deadline, fed.tracker.output(proc)[-4000:]
-        time.sleep(1)
+    fed.wait_for(proc, "fedlora: round 1/50")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does in a terminal
     rc, out = fed.tracker.wait(proc, 180)  # generous: a loaded CI machine once needed more than 60 s
     assert rc == 128 + signal.SIGINT, out[-3000:]
@@ -369,6 +373,22 @@ def test_ctrl_c_leaves_the_run_and_flwr_stop_stops_it(fed):
         assert time.monotonic() < deadline, f"run {run_id} still running 180 s after flwr stop"
         time.sleep(1)
     assert status == "finished:stopped"
+
+
+def test_fedlora_stop_pauses_a_deployed_run_between_rounds_and_submit_exits_3(fed):
+    from fedlora.core.status import read_status
+
+    run = fed.tmp / "fed" / "runs" / "paused"
+    proc = fed.submit(run, "num-server-rounds=50", background=True)
+    fed.wait_for(proc, "fedlora: round 1/50")
+    rc, out = fed.block("pause", {"RUN": str(run)})
+    assert rc == 0 and f"asked the run in {run} to stop before its next round" in out, out
+    rc, out = fed.tracker.wait(proc, 300)
+    assert rc == 3, out[-3000:]
+    status = read_status(run)
+    assert status.state == "stopped" and 1 <= status.last_round < 50, status
+    assert f"stopped after round {status.last_round} on request" in out and f"--resume {run}" in out, out[-3000:]
+    assert (run / "checkpoint").exists() and not (run / "adapter").exists()
 
 
 def test_simulation_and_deployment_agree_and_resume(fed):

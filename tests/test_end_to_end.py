@@ -354,6 +354,55 @@ def test_sigterm_stops_everything_it_started(start_run, tiny_overrides, tmp_path
     assert status.last_round >= 1
 
 
+def test_ctrl_c_stops_a_private_run_between_rounds_and_its_resume_pays_for_no_round_twice(start_run, tiny_overrides,
+                                                                                          tmp_path):
+    """A first Ctrl-C asks for a stop: the round in progress ends and is checkpointed, `fedlora run`
+    exits 3 and says how to continue. Resumed with num-server-rounds = its last round, it ends there
+    with that round's adapter; resumed again for all 4 rounds, every client's ledger holds each
+    round once (a kill mid-round would have it pay for that round again)."""
+    import signal
+    import sys
+
+    from conftest import REPO
+    from fedlora.core.status import STOP_FILE, read_status
+    from fedlora.privacy import PrivacyLedger
+
+    out = tmp_path / "o"
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = start_run({**tiny_overrides, "dp": True, "target-epsilon": 6.0, "num-server-rounds": 4,
+                          "output-dir": str(out)}, stderr)
+        assert _printed(proc, "round 1/4", timeout=180), "the run never reached round 1"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 3
+    assert "stopping before the next round (Ctrl-C in fedlora)" in (tmp_path / "stderr").read_text()
+    status = read_status(out)
+    assert status.state == "stopped" and 1 <= status.last_round <= 3, status
+    assert f"stopped before round {status.last_round + 1}, asked by Ctrl-C in fedlora at" in status.reason
+    assert not (out / STOP_FILE).exists() and not (out / "adapter").exists()  # paused, not ended
+
+    def resume(rounds: int) -> str:
+        res = subprocess.run([sys.executable, "-m", "fedlora.simulations.cli", "run", str(REPO), "--quiet",
+                              "--resume", str(out), "-c", f"num-server-rounds={rounds}"],
+                             capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    last = status.last_round
+    assert f"completed after round {last}" in resume(last)  # no round left: the outputs of round `last`
+    saved = json.loads((out / "predictions.json").read_text())
+    accuracy = sum(p == y for p, y in zip(saved["predictions"], saved["labels"])) / len(saved["labels"])
+    assert accuracy == pytest.approx(_rows(out)[-1]["test_accuracy"])
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # trained, not the init
+    assert "completed after round 4" in resume(4)
+    assert [row["round"] for row in _rows(out)] == [0, 1, 2, 3, 4]
+    for pid in ("0", "1", "2"):
+        ledger = PrivacyLedger.load(out / "privacy" / f"{pid}.json")
+        assert [p["round"] for p in ledger.participations] == [1, 2, 3, 4]
+        assert ledger.epsilon <= 6.0
+    assert (out / "adapter").exists()
+
+
 @pytest.mark.parametrize("strategy", ["fedsvd", "ffa", "fedit"])
 def test_dp_end_to_end(strategy, tiny_overrides, tmp_path):
     from fedlora.privacy import PrivacyLedger, epsilon

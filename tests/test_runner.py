@@ -4,8 +4,9 @@
 limits of a second or so: a SuperLink that exits, a status that cannot be read three times in a
 row, and a log that goes quiet are each a hang; a run whose status turns finished is followed to
 its end, also when its log stream hangs. `run_simulation` records in status.json how a run that
-failed, hung or was interrupted ended, and the CLI's last line names the outputs that exist.
-No Flower process is started.
+failed, hung or was interrupted ended, and the CLI's last line names the outputs that exist. A
+first Ctrl-C asks for a stop between rounds (a file the ServerApp reads), a second stops at once;
+`fedlora stop` writes that request. No Flower process is started.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from conftest import REPO
-from fedlora.core.status import RunStatus, read_status, write_status
+from fedlora.core.status import RunStatus, read_status, request_stop, stop_request, write_status
 from fedlora.simulations import cli, runner
 from fedlora.simulations.runner import RunFailed, follow_run, resolve_config, run_simulation
 
@@ -124,7 +125,8 @@ def _fake_run(monkeypatch, written: RunStatus | None, ends: BaseException | str)
 
 
 @pytest.mark.parametrize("written", [RunStatus("completed", 5, "all 5 rounds ran"),
-                                     RunStatus("budget-exhausted", 3, "stopped before round 4")])
+                                     RunStatus("budget-exhausted", 3, "stopped before round 4"),
+                                     RunStatus("stopped", 2, "stopped before round 3, asked by fedlora stop")])
 def test_a_finished_run_returns_its_status(tmp_path, monkeypatch, written):
     _fake_run(monkeypatch, written, "finished:completed")
     assert run_simulation(REPO, _cfg(tmp_path), 3) == written
@@ -193,6 +195,79 @@ def test_the_last_line_says_how_the_run_ended_and_lists_the_outputs_it_wrote(tmp
 
     assert _cli_run(monkeypatch, tmp_path, outcome) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "fedlora: " + line.format(out=tmp_path)
+
+
+def test_a_run_stopped_on_request_exits_3_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    def outcome(app_dir, cfg, *args, **kwargs) -> RunStatus:
+        (tmp_path / "metrics.jsonl").write_text("{}")
+        return RunStatus("stopped", 2, "stopped before round 3, asked by fedlora stop at 2026-12-05 03:00:00 UTC")
+
+    assert _cli_run(monkeypatch, tmp_path, outcome) == 3
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"fedlora: stopped after round 2 on request (stopped before round 3, asked by fedlora stop at "
+        f"2026-12-05 03:00:00 UTC); continue with `fedlora run --resume {tmp_path}`; metrics in {tmp_path}/metrics.jsonl")
+
+
+def test_the_first_ctrl_c_asks_for_a_stop_between_rounds_and_the_second_stops_at_once(tmp_path, capsys):
+    import os
+    import signal
+
+    with runner.graceful_interrupt(tmp_path, "Ctrl-C in a test"):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs between bytecodes of this (the main) thread
+        assert "asked by Ctrl-C in a test at" in stop_request(tmp_path)
+        assert "stopping before the next round (Ctrl-C in a test)" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's, as before
+
+
+def test_where_sigint_is_ignored_ctrl_c_stays_ignored(tmp_path):
+    """A background job of a non-interactive shell ignores SIGINT: the run must not start obeying it."""
+    import os
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with runner.graceful_interrupt(tmp_path, "Ctrl-C in a test"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert stop_request(tmp_path) is None
+
+
+def test_a_stop_request_left_from_an_earlier_start_is_withdrawn_before_the_run(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    request_stop(cfg.output_dir, "fedlora stop")  # e.g. the run was killed before it acted on it
+    seen = []
+
+    def submit_and_follow(app_dir, cfg, *args):
+        seen.append(stop_request(cfg.output_dir))
+        write_status(cfg.output_dir, RunStatus("completed", 5, "all 5 rounds ran"))
+        return "7", "finished:completed"
+
+    monkeypatch.setattr(runner, "_submit_and_follow", submit_and_follow)
+    run_simulation(REPO, cfg, 3)
+    assert seen == [None]
+
+
+@pytest.mark.parametrize("state, code, said", [
+    (None, 2, "holds no run (no readable status.json)"),
+    ("completed", 2, "is not running (completed after round 3); nothing to stop"),
+    ("running", 0, "asked the run in {out} to stop before its next round (round 3 is done)"),
+])
+def test_fedlora_stop_asks_only_a_running_run(tmp_path, capsys, state, code, said):
+    if state is not None:
+        write_status(tmp_path, RunStatus(state, 3, "a test"))
+    assert cli.main(["stop", str(tmp_path)]) == code
+    printed = capsys.readouterr()
+    assert said.format(out=tmp_path) in (printed.out if code == 0 else printed.err)
+    assert (stop_request(tmp_path) is not None) == (code == 0)
+    if code == 0:
+        assert "asked by fedlora stop at" in stop_request(tmp_path)
 
 
 def test_ctrl_c_exits_with_the_signals_code_without_a_traceback(tmp_path, monkeypatch):

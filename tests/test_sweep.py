@@ -6,6 +6,7 @@ write."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -156,14 +157,43 @@ def test_a_checkpointed_run_resumes_a_failing_one_is_reported_and_the_table_is_t
     _write_run(interrupted, 2, 1, state="running")
     save_checkpoint(interrupted, Checkpoint(round=1, job="j", arrays={"x": torch.zeros(1)}, strategy={}, rows=[],
                                             run_config={}))
-    failed = run_sweep(REPO, runs, tmp_path, grid_keys=["strategy", "seed"])
-    assert failed == ["strategy-ffa__seed-1"]
+    result = run_sweep(REPO, runs, tmp_path, grid_keys=["strategy", "seed"])
+    assert result == sweep.SweepResult(finished=3, failed=["strategy-ffa__seed-1"], stopped=None)
     assert seen == {runs[0].name: True, runs[1].name: False, runs[2].name: False, runs[3].name: False}
     table = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert {r["run"] for r in table} == {r.name for r in runs[:3]}  # the failed one has no rows
     assert [(r["strategy"], r["seed"], r["round"]) for r in table if r["run"] == runs[2].name] == [
         ("ffa", "0", "0"), ("ffa", "0", "1"), ("ffa", "0", "2")]
     assert all(r["state"] == "completed" and r["test_accuracy"] for r in table)
+
+
+def test_a_run_stopped_on_request_ends_the_sweep_and_the_same_command_resumes_it(tmp_path, monkeypatch):
+    """`fedlora stop` (or a first Ctrl-C) on cell a: the sweep stops after it, b does not start; the
+    next sweep resumes a from its checkpoint (nothing run twice), then runs b."""
+    import torch
+
+    from fedlora.server.checkpoint import Checkpoint, save_checkpoint
+
+    calls = []
+
+    def fake_run(app, cfg, n, client_cpus=1, client_gpus=0.0, quiet=False, ray_address=None):
+        out = Path(cfg.output_dir)
+        calls.append((out.name, cfg.resume))
+        if not calls[:-1]:  # the first run is asked to stop after round 1
+            _write_run(out, 3, 1, cfg.strategy, state="stopped")
+            save_checkpoint(out, Checkpoint(round=1, job="j", arrays={"x": torch.zeros(1)}, strategy={}, rows=[],
+                                            run_config={}))
+        else:
+            _write_run(out, 3, 3, cfg.strategy)
+        return read_status(out)
+
+    monkeypatch.setattr(sweep, "run_simulation", fake_run)
+    monkeypatch.setattr(sweep, "preflight", lambda cfg, n, gpus=0.0: None)
+    runs = [SweepRun("a", {"strategy": "fedsvd"}), SweepRun("b", {"strategy": "ffa"})]
+    assert run_sweep(REPO, runs, tmp_path) == sweep.SweepResult(finished=0, failed=[], stopped="a")
+    assert calls == [("a", False)]
+    assert run_sweep(REPO, runs, tmp_path) == sweep.SweepResult(finished=2, failed=[], stopped=None)
+    assert calls == [("a", False), ("a", True), ("b", False)]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "simulations" / "experiments").glob("*.toml")), ids=lambda p: p.name)
