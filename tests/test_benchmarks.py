@@ -100,6 +100,11 @@ def _check_later(task, out, results: Results) -> None:
     assert float((a @ a.T - torch.eye(task.r, dtype=torch.float64)).abs().max()) < 1e-5
 
 
+def _check_refactorize_later(task, out, results: Results) -> None:
+    """`refactorize` against the previous round's orthonormal A keeps B̄A and gives orthonormal rows."""
+    _check_later(task, {B_KEY: out[0], A_KEY: out[1]}, results)
+
+
 def _check_naive(task, out, results: Results) -> None:
     state, updates, weights = aggregation._b_only(task)
     b_bar = sum(p * u[B_KEY].double() for p, u in zip(weights.tolist(), updates))
@@ -122,7 +127,8 @@ def _check_fair(task, out, results: Results) -> None:
 
 CHECKS: dict[str, Callable[[aggregation.Task, object, Results], None]] = {
     "step": _check_step, "folded": _check_folded, "floor": _check_floor, "naive": _check_naive,
-    "refactorize": _check_refactorize, "sum32": _check_sum32, "fedsvd-later": _check_later, "fair-gram": _check_fair,
+    "refactorize": _check_refactorize, "refactorize-later": _check_refactorize_later, "sum32": _check_sum32,
+    "sum32-in-step": _check_sum32, "fedsvd-later": _check_later, "fair-gram": _check_fair,
     "fair-dense": lambda task, out, results: None,  # checked against the Gram form by fair-gram
 }
 
@@ -253,13 +259,6 @@ def test_the_harness_share_is_what_the_work_inside_a_round_leaves():
     assert [r["round"] for r in got] == [1, 2]  # round 0 trains nothing
     assert [r["harness_seconds"] for r in got] == pytest.approx([3.0, 5.0])
     assert [r["harness_share"] for r in got] == pytest.approx([0.03, 0.10])
-
-
-def test_the_page_fault_benchmark_times_two_ways_of_one_sum():
-    import page_faults
-
-    updates, weights = [torch.randn(64, 4) for _ in range(3)], [0.2, 0.3, 0.5]
-    torch.testing.assert_close(page_faults.before(updates, weights), page_faults.now(updates, weights))
 
 
 def test_the_audit_benchmark_runs_the_command_and_its_seeded_variant_is_caught(tiny_overrides, tmp_path, capsys):

@@ -28,7 +28,9 @@ from fedlora.strategies import (
     refactorize,
     weighted_average,
 )
+from fedlora.strategies import fedsvd
 from fedlora.strategies.base import A_SUFFIX, B_SUFFIX
+from fedlora.strategies.lowrank import product_svd
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -50,6 +52,8 @@ def _make_a(kind: str, r: int, n: int, seed: int) -> torch.Tensor:
         return _kaiming_a(r, n, seed)
     if kind == "random":
         return torch.randn(r, n, dtype=torch.float64, generator=_gen(seed))
+    if kind == "orthonormal":  # every round after the first: the previous round's Vᵀ
+        return torch.linalg.qr(torch.randn(n, r, dtype=torch.float64, generator=_gen(seed))).Q.T
     raise AssertionError(kind)
 
 
@@ -136,6 +140,10 @@ REFACTORIZE_CASES = [
     ("zero-64x48-r8", 64, 48, 8, "kaiming", "zero"),
     ("zero-128x256-r16", 128, 256, 16, "random", "zero"),
 ]
+# later rounds: A has orthonormal rows (the previous round's Vᵀ) and the Gram route runs, no QR
+REFACTORIZE_CASES += [("orthonormal-" + name.removeprefix("random-"), m, n, r, "orthonormal", b_kind)
+                      for name, m, n, r, a_kind, b_kind in REFACTORIZE_CASES if a_kind == "random"]
+REFACTORIZE_CASES.append(("orthonormal-1024x768-r16", 1024, 768, 16, "orthonormal", "random"))
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -181,6 +189,23 @@ def test_refactorize_matches_dense_svd(m, n, r, a_kind, b_kind, dtype):
     assert int(keep.sum()) >= 1 and keep[expected_rank:].sum() == 0
     torch.testing.assert_close(new_a.to(torch.float64)[keep], a_ref[keep], rtol=0, atol=tol)
     torch.testing.assert_close(new_b.to(torch.float64)[:, keep], b_ref[:, keep], rtol=0, atol=tol * s_max)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_refactorize_takes_the_gram_route_exactly_when_a_has_orthonormal_rows(dtype, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fedsvd, "product_svd", lambda *a, **k: calls.append(1) or product_svd(*a, **k))
+    B = _make_b("random", 128, 16, 0).to(dtype)
+    refactorize(B, _make_a("orthonormal", 16, 256, 1).to(dtype))
+    assert calls == []
+    refactorize(B, _make_a("kaiming", 16, 256, 1).to(dtype))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("row, sign", [([0.2, -0.6, 0.1], -1.0), ([0.6, -0.2], 1.0), ([0.5, -0.5, 0.1], 1.0),
+                                       ([-0.5, 0.5], 1.0), ([0.0, 0.0], 1.0), ([-1e-30, 0.0], -1.0)])
+def test_row_signs_follow_the_largest_magnitude_entry_and_ties_keep_plus_one(row, sign):
+    assert fedsvd._row_signs(torch.tensor([row])).tolist() == [sign]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -299,6 +324,23 @@ def test_weighted_average_constant_updates():
     out = weighted_average(updates, normalized_weights(NUM_EXAMPLES))
     assert out["x"].dtype == torch.float32
     torch.testing.assert_close(out["x"], torch.full((2, 3), 2.5))
+
+
+@pytest.mark.parametrize("dtype, k", [(torch.float32, 10), (torch.float32, 1000), (torch.bfloat16, 10),
+                                      (torch.float64, 10)], ids=str)
+def test_weighted_average_is_within_k_rounding_errors_of_the_float64_sum(dtype, k):
+    """The documented bound: |computed − exact| ≤ K·eps·Σ_k |p_k u_k| per entry, eps of the
+    accumulator (float32 for float32 and bfloat16 inputs), plus the final rounding to `dtype`."""
+    g = _gen(7)
+    updates = [{"x": torch.randn(64, 16, dtype=torch.float64, generator=g).to(dtype)} for _ in range(k)]
+    weights = normalized_weights(torch.randint(1, 500, (k,), generator=g).tolist())
+    terms = torch.stack([p * u["x"].to(torch.float64) for p, u in zip(weights.tolist(), updates)])
+    exact = terms.sum(0)
+    got = weighted_average(updates, weights)["x"]
+    assert got.dtype == dtype
+    eps_acc = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    bound = k * eps_acc * terms.abs().sum(0) + torch.finfo(dtype).eps / 2 * exact.abs()
+    assert bool(((got.to(torch.float64) - exact).abs() <= bound).all())
 
 
 def test_fedit_averages_both_factors_and_head():
