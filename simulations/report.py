@@ -3,7 +3,8 @@
     fedlora report SWEEP_DIR|RUN_DIR [--out FOLDER] [--time-to 0.6,0.65,0.7]
 
 Runs are grouped by every run-config key that differs between them except `seed`: a group is one
-method under one setting, its runs are its seeds. Written to `<DIR>/report/` (or `--out`):
+method under one setting, its runs are its seeds. Two runs whose values of a key are each their own
+strategy's default (learning-rate = "auto": 1.0 for FedSVD, 0.3 for FedIT) do not differ in it. Written to `<DIR>/report/` (or `--out`):
 
 * `accuracy.png`: test accuracy per round, each group's mean over seeds with a band from its
   lowest to its highest seed;
@@ -113,11 +114,11 @@ def load_groups(folder: Path) -> list[Group]:
         runs.append((_settings(json.loads((path / "run_config.json").read_text())), read_rows(path)))
     if not runs:
         raise ValueError(f"{folder}: no finished run (a folder with metrics.jsonl and run_config.json)")
-    varying = sorted(k for k in set().union(*(cfg for cfg, _ in runs)) - _NOT_A_SETTING
-                     if len({json.dumps(cfg.get(k)) for cfg, _ in runs}) > 1)
+    keys = set().union(*(cfg for cfg, _ in runs)) - _NOT_A_SETTING
+    varying = sorted(k for k in keys if _varies(k, [cfg for cfg, _ in runs]))
     # A label names what varies among the runs that have the setting: not a non-private run's
     # absent DP keys, nor the DP keys every private run shares (accountant=prv, ...).
-    shown = [k for k in varying if len({json.dumps(cfg[k]) for cfg, _ in runs if k in cfg}) > 1]
+    shown = [k for k in varying if _varies(k, [cfg for cfg, _ in runs if k in cfg])]
     groups: dict[str, Group] = {}
     for cfg, rows in runs:
         label = ", ".join(f"{k}={cfg[k]}" for k in shown if k in cfg) or str(cfg.get("strategy", "run"))
@@ -127,18 +128,32 @@ def load_groups(folder: Path) -> list[Group]:
 
 
 def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A run's config as settings to compare: without the DP keys of a non-private run, and with
-    "default" where a value is its strategy's default (learning-rate = "auto" resolves to 1.0 for
-    FedSVD and 0.3 for FedIT: the two runs differ in strategy, not also in learning rate)."""
+    """A run's config as settings to compare: without the DP keys of a non-private run."""
+    return cfg if cfg.get("dp") else {k: v for k, v in cfg.items() if k not in _DP_ONLY}
+
+
+def _strategy_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     from fedlora.strategies import method_class
 
-    if not cfg.get("dp"):
-        cfg = {k: v for k, v in cfg.items() if k not in _DP_ONLY}
     try:
-        defaults = method_class(str(cfg.get("strategy"))).defaults
-    except ValueError:
-        defaults = {}
-    return {k: "default" if k in defaults and v == defaults[k] else v for k, v in cfg.items()}
+        return method_class(str(settings.get("strategy"))).defaults
+    except ValueError:  # no strategy among the settings (it does not vary), or an unknown one
+        return {}
+
+
+def _same(key: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Do two runs' settings agree on `key`? Equal values do, and so do two values that are each
+    their own strategy's default: learning-rate = "auto" gives 1.0 for FedSVD and 0.3 for FedIT, so
+    those two runs differ in strategy only, while FedSVD and FedIT both at 1.0 differ in nothing else
+    either."""
+    if a.get(key) == b.get(key):
+        return True
+    da, db = _strategy_defaults(a), _strategy_defaults(b)
+    return key in da and key in db and a.get(key) == da[key] and b.get(key) == db[key]
+
+
+def _varies(key: str, configs: list[dict[str, Any]]) -> bool:
+    return any(not _same(key, a, b) for a, b in itertools.combinations(configs, 2))
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | None, float | None]:
@@ -162,7 +177,7 @@ def _mean_std(values: list[float | None]) -> str:
 
 def _differences(a: Group, b: Group) -> set[str]:
     """The settings in which two groups differ; a private and a non-private run differ in `dp` only."""
-    keys = {k for k in {*a.settings, *b.settings} if a.settings.get(k) != b.settings.get(k)}
+    keys = {k for k in {*a.settings, *b.settings} if not _same(k, a.settings, b.settings)}
     return keys - _DP_ONLY if "dp" in keys else keys
 
 

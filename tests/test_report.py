@@ -100,17 +100,30 @@ def test_a_folder_without_runs_is_refused(tmp_path, capsys):
     assert "no finished run" in capsys.readouterr().err
 
 
-def test_a_strategys_default_learning_rate_is_not_a_setting_of_its_own(tmp_path):
+def test_runs_each_at_their_strategys_default_or_at_one_value_differ_in_strategy_only(tmp_path):
     for seed in range(2):
         _run(tmp_path, "fedsvd", seed, 0.6, **{"learning-rate": 1.0})  # "auto" resolves per strategy
         _run(tmp_path, "fedit", seed, 0.5, **{"learning-rate": 0.3})
         _run(tmp_path, "fedit", seed, 0.55, **{"learning-rate": 1.0})  # chosen: a setting
     labels = {g.label for g in load_groups(tmp_path)}
-    assert labels == {"learning-rate=default, strategy=fedsvd", "learning-rate=default, strategy=fedit",
+    assert labels == {"learning-rate=1.0, strategy=fedsvd", "learning-rate=0.3, strategy=fedit",
                       "learning-rate=1.0, strategy=fedit"}
     report = (write_report(tmp_path) / "report.md").read_text()
-    assert "| learning-rate=default, strategy=fedsvd | learning-rate=default, strategy=fedit | 2 |" in report \
-        or "| learning-rate=default, strategy=fedit | learning-rate=default, strategy=fedsvd | 2 |" in report
+    pairs = {frozenset(line.strip("| ").split(" | ")[:2]) for line in report.splitlines()
+             if line.count("|") == 7 and "=" in line}
+    assert pairs == {
+        frozenset({"learning-rate=1.0, strategy=fedsvd", "learning-rate=0.3, strategy=fedit"}),  # each at its default
+        frozenset({"learning-rate=1.0, strategy=fedsvd", "learning-rate=1.0, strategy=fedit"}),  # one value for both
+        frozenset({"learning-rate=0.3, strategy=fedit", "learning-rate=1.0, strategy=fedit"}),  # the rate alone
+    }
+
+
+def test_runs_that_all_share_a_learning_rate_are_labelled_by_strategy_alone(tmp_path):
+    for strategy in ("fedsvd", "fedit"):
+        for seed in range(2):
+            _run(tmp_path, strategy, seed, FINAL[strategy, seed], **{"learning-rate": 1.0})
+    assert {g.label for g in load_groups(tmp_path)} == {"strategy=fedsvd", "strategy=fedit"}
+    assert "| 2 | +0.095 |" in (write_report(tmp_path) / "report.md").read_text().replace("| -0.095 |", "| +0.095 |")
 
 
 def test_time_to_accuracy_adds_up_the_rounds_seconds_until_the_first_evaluation_that_reaches_it(tmp_path, capsys):
