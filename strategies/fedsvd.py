@@ -47,7 +47,7 @@ def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
         # decomposed in float64 (its eigenvectors are the singular vectors). The two thin products
         # then run in the factors' own dtype: W is orthogonal, so each output entry is a sum of r
         # well-scaled terms and B·A is kept to two ulps (tests/test_strategies.py).
-        dtype = torch.promote_types(B.dtype, A.dtype)
+        dtype = torch.promote_types(torch.promote_types(B.dtype, A.dtype), torch.float32)  # bf16: float32
         b64 = B.to(torch.float64)
         w = torch.linalg.eigh(b64.T @ b64).eigenvectors.flip(1).to(dtype)  # singular values descending
         new_b, new_a = (B.to(dtype) @ w).to(B.dtype), (w.T @ A.to(dtype)).to(A.dtype)
@@ -69,8 +69,10 @@ def _row_signs(x: torch.Tensor) -> torch.Tensor:
 
 
 def _has_orthonormal_rows(A: torch.Tensor) -> bool:
-    """A·Aᵀ = I to 64 ulps of A's dtype (its Gram in that dtype: the previous round's Vᵀ passes)."""
-    gram = A @ A.T
+    """A·Aᵀ = I to 64 ulps of A's dtype (its Gram in that dtype, float32 at least: the previous
+    round's Vᵀ passes)."""
+    a = A.to(torch.promote_types(A.dtype, torch.float32))
+    gram = a @ a.T
     gram.diagonal().sub_(1.0)
     return float(gram.abs().amax()) <= 64 * torch.finfo(A.dtype).eps
 

@@ -202,6 +202,17 @@ def test_refactorize_takes_the_gram_route_exactly_when_a_has_orthonormal_rows(dt
     assert calls == [1]
 
 
+def test_refactorize_keeps_bfloat16_factors_in_bfloat16_and_computes_in_float32_at_least():
+    B, A = _make_b("random", 128, 8, 0), _make_a("orthonormal", 8, 96, 1)
+    for a in (A, _make_a("kaiming", 8, 96, 1)):  # the Gram route and the QR route
+        new_b, new_a = refactorize(B.to(torch.bfloat16), a.to(torch.bfloat16))
+        assert new_b.dtype == new_a.dtype == torch.bfloat16
+        product = B.to(torch.bfloat16).double() @ a.to(torch.bfloat16).double()
+        rel = float(torch.linalg.matrix_norm(new_b.double() @ new_a.double() - product) / torch.linalg.matrix_norm(product))
+        assert rel < 4 * torch.finfo(torch.bfloat16).eps  # the final rounding to bfloat16, nothing more
+        assert _orthonormality_error(new_a) < 4 * torch.finfo(torch.bfloat16).eps
+
+
 @pytest.mark.parametrize("row, sign", [([0.2, -0.6, 0.1], -1.0), ([0.6, -0.2], 1.0), ([0.5, -0.5, 0.1], 1.0),
                                        ([-0.5, 0.5], 1.0), ([0.0, 0.0], 1.0), ([-1e-30, 0.0], -1.0)])
 def test_row_signs_follow_the_largest_magnitude_entry_and_ties_keep_plus_one(row, sign):
