@@ -45,9 +45,9 @@ def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
         # Every round after the first, A came out of this function: with orthonormal rows, B = U Σ Wᵀ
         # makes B·A = U Σ (WᵀA) an SVD already, and W comes from the r×r Gram BᵀB, formed and
         # decomposed in float64 (its eigenvectors are the singular vectors). The two thin products
-        # then run in the factors' own dtype: W is orthogonal, so each output entry is a sum of r
-        # well-scaled terms and B·A is kept to two ulps (tests/test_strategies.py).
-        dtype = torch.promote_types(torch.promote_types(B.dtype, A.dtype), torch.float32)  # bf16: float32
+        # then run in the factors' own dtype, float32 at least: W is orthogonal, so each output entry
+        # is a sum of r well-scaled terms and B·A is kept to two ulps (tests/test_strategies.py).
+        dtype = torch.promote_types(torch.promote_types(B.dtype, A.dtype), torch.float32)
         b64 = B.to(torch.float64)
         w = torch.linalg.eigh(b64.T @ b64).eigenvectors.flip(1).to(dtype)  # singular values descending
         new_b, new_a = (B.to(dtype) @ w).to(B.dtype), (w.T @ A.to(dtype)).to(A.dtype)
