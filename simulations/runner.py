@@ -291,8 +291,8 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _descendants(pid: int) -> set[int]:
-    kids, out, todo = _children(), set(), [pid]
+def _descendants(pids: set[int]) -> set[int]:
+    kids, out, todo = _children(), set(), list(pids)
     while todo:
         for child in kids.get(todo.pop(), []):
             if child not in out:
@@ -329,21 +329,29 @@ def _alive(pid: int) -> bool:
 
 def _stop_tree(proc: subprocess.Popen, grace: float = 15.0, marker: str | None = None) -> None:
     """SIGTERM `proc`, all its descendants and the processes whose environment holds `marker`,
-    SIGKILL what is left after `grace` s."""
-    pids = {proc.pid}
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids |= {d for p in list(pids) for d in _descendants(p)} | _carrying(marker)  # late-born ones too
-        for pid in pids:
+    SIGKILL what is left after `grace` s.
+
+    The set is looked for again until two looks in a row find nothing alive: a process may be
+    born after a look (Ray's raylet starts its agents while `ray.init` is still under way), and
+    once its parent is gone it is reachable only by `marker`. Nothing new can be born once no
+    process of the set is alive, and the second look closes the gap of a fork between a look's
+    listing of /proc and its liveness checks.
+    """
+    termed: set[int] = set()
+    kill_at, give_up = time.monotonic() + grace, time.monotonic() + grace + 10.0
+    pids, quiet = {proc.pid}, 0
+    while quiet < 2 and time.monotonic() < give_up:
+        pids = {p for p in pids | _descendants(pids) | _carrying(marker) if _alive(p)}
+        quiet = 0 if pids else quiet + 1
+        killing = time.monotonic() >= kill_at
+        for pid in pids if killing else pids - termed:
             try:
-                os.kill(pid, sig)
+                os.kill(pid, signal.SIGKILL if killing else signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            proc.poll()
-            time.sleep(0.2)
-        if not any(_alive(p) for p in pids):
-            break
+        termed |= pids
+        proc.poll()
+        time.sleep(0.2)
     proc.wait(timeout=5)
 
 

@@ -306,3 +306,35 @@ def test_a_client_without_a_gpu_share_is_shown_no_gpu_by_ray(monkeypatch):
     import inspect
 
     assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in inspect.getsource(runner)
+
+
+# On SIGTERM it starts an orphan (its own session, its parent gone at once) that carries the
+# marker, then exits: a process born after the stopper's first look, reachable only by marker.
+SPAWNS_AN_ORPHAN_ON_SIGTERM = """
+import os, pathlib, signal, subprocess, sys, time
+ORPHAN = "import os, sys, time\\nif os.fork(): os._exit(0)\\nopen(sys.argv[1], 'w').write(str(os.getpid()))\\ntime.sleep(60)"
+def spawn(*_):
+    subprocess.run([sys.executable, "-c", ORPHAN, sys.argv[1]], start_new_session=True)
+    while not pathlib.Path(sys.argv[1]).exists():
+        time.sleep(0.05)
+    os._exit(0)
+signal.signal(signal.SIGTERM, spawn)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stopping_a_tree_also_stops_what_is_born_while_it_stops(tmp_path):
+    import os
+
+    marker = f"FEDLORA_TEST_STOP={tmp_path}"
+    orphan_pid = tmp_path / "orphan.pid"
+    proc = subprocess.Popen([sys.executable, "-c", SPAWNS_AN_ORPHAN_ON_SIGTERM, str(orphan_pid)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "FEDLORA_TEST_STOP": str(tmp_path)})
+    assert proc.stdout.readline() == "ready\n"
+    runner._stop_tree(proc, grace=5.0, marker=marker)
+    orphan = int(orphan_pid.read_text())
+    alive = runner._alive(orphan)
+    if alive:
+        os.kill(orphan, 9)
+    assert not alive, "the process born during the stop was left running"
